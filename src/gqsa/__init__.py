@@ -1,0 +1,3 @@
+"""GQSA: group quantization and sparsity for LLMs."""
+from gqsa._version import __version__
+
