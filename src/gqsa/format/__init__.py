@@ -1,0 +1,22 @@
+"""The packed block-sparse group-quantized format and its checkpoints."""
+
+from gqsa.format.bitpack import pack_bits, unpack_bits
+from gqsa.format.packed import (
+    FORMAT_VERSION,
+    FormatError,
+    PackedWeight,
+    UnpackedWeight,
+    dequantize_bsr,
+    quantize_to_packed,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FormatError",
+    "PackedWeight",
+    "UnpackedWeight",
+    "dequantize_bsr",
+    "pack_bits",
+    "quantize_to_packed",
+    "unpack_bits",
+]

@@ -1,0 +1,17 @@
+"""The registered op ``torch.ops.gqsa.linear`` and its backends.
+
+This package is the only place that may import Triton or the native extension, and only lazily.
+"""
+
+from gqsa.ops.backends import Backend, Kernel, available_backends, register_kernel
+from gqsa.ops.linear import gqsa_linear, packed_linear, reference_linear
+
+__all__ = [
+    "Backend",
+    "Kernel",
+    "available_backends",
+    "gqsa_linear",
+    "packed_linear",
+    "reference_linear",
+    "register_kernel",
+]

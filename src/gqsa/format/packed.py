@@ -1,0 +1,331 @@
+"""The packed group-sparse weight: block-sparse rows of 1 x group_size quantized blocks (docs/FORMAT.md).
+
+A weight W of shape (N, K) = (out_features, in_features) is cut into G = K // group_size groups per row.
+Kept groups are stored in block-sparse-row order (row-major, increasing column group within a row):
+
+    crow_indices  int32          (N + 1,)    kept groups of row r are entries crow[r] .. crow[r+1]-1
+    col_indices   int16 | int32  (nnz,)      column-group index of each kept group (int16 when G <= 32768)
+    values        uint8          (nnz, group_size * bits // 8)   codes of each kept group, bit-packed
+    scale         float16        (nnz,)      per kept group
+    zero_point    uint8          (ceil(nnz * bits / 8),)          per kept group, bit-packed (asymmetric only)
+
+Element c of kept group (r, j) is ``scale * (code - zero_point)`` at W[r, j * group_size + c]; every pruned
+group is exactly zero. Symmetric weights store no zero point: it is 2**(bits - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from gqsa.format.bitpack import pack_bits, pack_bits_padded, packed_nbytes, unpack_bits, unpack_bits_padded
+from gqsa.quant.groups import to_groups
+from gqsa.quant.qparams import group_qparams, qmax, symmetric_zero_point
+from gqsa.quant.quantize import quantize
+
+FORMAT_VERSION = 1
+TENSOR_NAMES = ("crow_indices", "col_indices", "values", "scale", "zero_point")
+INT16_MAX_GROUPS = 32768
+
+
+class FormatError(ValueError):
+    """A packed weight violates docs/FORMAT.md; the message names the tensor and the rule."""
+
+
+class UnpackedWeight(NamedTuple):
+    """Dense per-group view of a packed weight (pruned groups hold zeros).
+
+    codes: (N, G, group_size) uint8; scale: (N, G) float16; zero_point: (N, G) uint8 or None (symmetric);
+    mask: (N, G) bool, True where the group is kept.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def col_indices_dtype(num_groups: int) -> torch.dtype:
+    """int16 when every column-group index fits, else int32."""
+    return torch.int16 if num_groups <= INT16_MAX_GROUPS else torch.int32
+
+
+def dequantize_bsr(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense (out_features, in_features) weight from the packed tensors, on their device.
+
+    The arithmetic is float32 ``scale * (code - zero_point)``, cast to ``dtype`` at the end. This is the
+    definition every kernel is tested against.
+    """
+    n, g_count, nnz = out_features, in_features // group_size, col_indices.numel()
+    device = values.device
+    codes = unpack_bits(values, bits, group_size)  # (nnz, g)
+    if zero_point is None:
+        zero = torch.full((nnz,), float(symmetric_zero_point(bits)), device=device)
+    else:
+        zero = unpack_bits_padded(zero_point, bits, nnz).float()  # (nnz,)
+    kept = (codes.float() - zero[:, None]) * scale.float()[:, None]  # (nnz, g)
+    rows = torch.repeat_interleave(
+        torch.arange(n, device=device), (crow_indices[1:] - crow_indices[:-1]).long(), output_size=nnz
+    )  # (nnz,)
+    dense = torch.zeros(n, g_count, group_size, device=device, dtype=torch.float32)
+    dense[rows, col_indices.long()] = kept
+    return dense.reshape(n, in_features).to(dtype)
+
+
+@dataclass
+class PackedWeight:
+    """One packed weight matrix and the metadata needed to read it. See the module docstring."""
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    out_features: int
+    in_features: int
+    group_size: int
+    bits: int
+
+    # ---- derived sizes -------------------------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def num_groups(self) -> int:
+        """Groups per row, G = in_features // group_size."""
+        return self.in_features // self.group_size
+
+    @property
+    def nnz(self) -> int:
+        """Number of kept groups."""
+        return int(self.col_indices.numel())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of groups pruned."""
+        total = self.out_features * self.num_groups
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (no ``zero_point`` when symmetric)."""
+        out = {name: getattr(self, name) for name in TENSOR_NAMES}
+        if out["zero_point"] is None:
+            del out["zero_point"]
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor, metadata included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the dense matrix, counting indices, scales and zero points."""
+        return 8.0 * self.nbytes() / (self.out_features * self.in_features)
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description (what a loader needs to build empty buffers of the right shapes)."""
+        return {
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "group_size": self.group_size,
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "nnz": self.nnz,
+        }
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        moved = {name: None if t is None else t.to(device) for name, t in self.tensors_with_none().items()}
+        return PackedWeight(**moved, **_dims(self))
+
+    # ---- pack / unpack -------------------------------------------------------------------------------
+    @classmethod
+    def pack(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        mask: torch.Tensor,
+        bits: int,
+    ) -> PackedWeight:
+        """Pack per-group codes and quantization parameters of the kept groups.
+
+        Args:
+            codes: (N, G, group_size) uint8 codes in [0, 2**bits - 1] (values of pruned groups are ignored).
+            scale: (N, G) float, positive and representable in fp16 for kept groups (stored as fp16).
+            zero_point: (N, G) integer-valued zero points in [0, 2**bits - 1], or None for symmetric.
+            mask: (N, G) bool, True where the group is kept.
+            bits: code width.
+
+        Returns:
+            The PackedWeight; ``unpack`` gives back exactly the kept codes, scales and zero points.
+        """
+        if codes.dim() != 3:
+            raise FormatError(f"codes must be (N, G, group_size), got shape {tuple(codes.shape)}")
+        n, g_count, group_size = codes.shape
+        if mask.shape != (n, g_count) or scale.shape != (n, g_count):
+            raise FormatError(
+                f"mask {tuple(mask.shape)} and scale {tuple(scale.shape)} must both be (N, G) = {(n, g_count)}"
+            )
+        mask = mask.to(torch.bool)
+        counts = mask.sum(dim=1)  # (N,)
+        crow = torch.zeros(n + 1, dtype=torch.int32, device=codes.device)
+        crow[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major, increasing column within a row
+        kept_scale = scale[rows, cols].float()
+        if not torch.isfinite(kept_scale).all() or (kept_scale <= 0).any():
+            raise FormatError("scale: kept groups need finite positive scales")
+        fp16_scale = kept_scale.to(torch.float16)
+        if not torch.equal(fp16_scale.float(), kept_scale):
+            raise FormatError("scale: values are not representable in float16; round them first (round_scale_fp16)")
+        if zero_point is None:
+            packed_zero = None
+        else:
+            if zero_point.shape != (n, g_count):
+                raise FormatError(f"zero_point must be (N, G) = {(n, g_count)}, got {tuple(zero_point.shape)}")
+            z = zero_point[rows, cols].float()
+            if not torch.equal(z, z.round()) or (z < 0).any() or (z > qmax(bits)).any():
+                raise FormatError(f"zero_point: kept groups need integers in [0, {qmax(bits)}]")
+            packed_zero = pack_bits_padded(z.to(torch.uint8), bits)
+        return cls(
+            crow_indices=crow,
+            col_indices=cols.to(col_indices_dtype(g_count)),
+            values=pack_bits(codes[rows, cols].to(torch.uint8), bits),  # (nnz, g * bits / 8)
+            scale=fp16_scale,
+            zero_point=packed_zero,
+            out_features=n,
+            in_features=g_count * group_size,
+            group_size=group_size,
+            bits=bits,
+        )
+
+    def unpack(self) -> UnpackedWeight:
+        """Per-group codes, scales, zero points and mask; exact inverse of ``pack`` on kept groups."""
+        n, g_count, device = self.out_features, self.num_groups, self.values.device
+        rows = torch.repeat_interleave(
+            torch.arange(n, device=device), (self.crow_indices[1:] - self.crow_indices[:-1]).long()
+        )
+        cols = self.col_indices.long()
+        codes = torch.zeros(n, g_count, self.group_size, dtype=torch.uint8, device=device)
+        codes[rows, cols] = unpack_bits(self.values, self.bits, self.group_size)
+        scale = torch.zeros(n, g_count, dtype=torch.float16, device=device)
+        scale[rows, cols] = self.scale
+        mask = torch.zeros(n, g_count, dtype=torch.bool, device=device)
+        mask[rows, cols] = True
+        zero = None
+        if self.zero_point is not None:
+            zero = torch.zeros(n, g_count, dtype=torch.uint8, device=device)
+            zero[rows, cols] = unpack_bits_padded(self.zero_point, self.bits, self.nnz)
+        return UnpackedWeight(codes, scale, zero, mask)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out_features, in_features) weight; pruned groups are exactly zero."""
+        return dequantize_bsr(**self.tensors_with_none(), **_dims(self), dtype=dtype)
+
+    def tensors_with_none(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+    # ---- validation ----------------------------------------------------------------------------------
+    @staticmethod
+    def expected_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each stored tensor for the metadata of ``metadata()``."""
+        n, k, g, bits, nnz = (meta[key] for key in ("out_features", "in_features", "group_size", "bits", "nnz"))
+        out = {
+            "crow_indices": ((n + 1,), torch.int32),
+            "col_indices": ((nnz,), col_indices_dtype(k // g)),
+            "values": ((nnz, g * bits // 8), torch.uint8),
+            "scale": ((nnz,), torch.float16),
+        }
+        if not meta["symmetric"]:
+            out["zero_point"] = ((packed_nbytes(nnz, bits),), torch.uint8)
+        return out
+
+    def validate(self, name: str = "weight") -> None:
+        """Check every rule of docs/FORMAT.md.
+
+        Raises:
+            FormatError: naming ``name`` and the offending tensor.
+        """
+        from gqsa.config import QuantSpec
+
+        try:
+            QuantSpec(bits=self.bits, group_size=self.group_size)
+        except ValueError as exc:
+            raise FormatError(f"{name}: {exc}") from exc
+        if self.in_features % self.group_size or self.out_features < 1:
+            raise FormatError(
+                f"{name}: in_features {self.in_features} must be a positive multiple of group_size "
+                f"{self.group_size} and out_features {self.out_features} positive"
+            )
+        nnz = self.nnz
+        for tname, (shape, dtype) in self.expected_shapes({**self.metadata(), "nnz": nnz}).items():
+            t = getattr(self, tname)
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                raise FormatError(f"{name}.{tname}: expected shape {shape} dtype {dtype}, got {got}")
+        crow = self.crow_indices.long()
+        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+            raise FormatError(
+                f"{name}.crow_indices: must start at 0, end at nnz={nnz} and never decrease "
+                f"(starts {int(crow[0])}, ends {int(crow[-1])})"
+            )
+        if bool(((crow[1:] - crow[:-1]) > self.num_groups).any()):
+            raise FormatError(f"{name}.crow_indices: a row keeps more than G={self.num_groups} groups")
+        cols = self.col_indices.long()
+        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.num_groups):
+            raise FormatError(f"{name}.col_indices: values must be in [0, {self.num_groups})")
+        if nnz > 1:
+            same_row = torch.ones(nnz - 1, dtype=torch.bool, device=cols.device)
+            starts = crow[1:-1]
+            starts = starts[(starts > 0) & (starts < nnz)]
+            same_row[starts - 1] = False  # position i compares entries i and i+1; a row starts at i+1
+            if bool(((cols[1:] <= cols[:-1]) & same_row).any()):
+                raise FormatError(f"{name}.col_indices: must strictly increase within each row")
+        s = self.scale.float()
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+            raise FormatError(f"{name}.scale: every kept group needs a finite positive scale")
+
+
+def _dims(p: PackedWeight) -> dict:
+    return {
+        "out_features": p.out_features,
+        "in_features": p.in_features,
+        "group_size": p.group_size,
+        "bits": p.bits,
+    }
+
+
+def quantize_to_packed(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    qparam_method: str = "minmax",
+) -> PackedWeight:
+    """Quantize the kept groups of a dense weight (round to nearest) and pack them.
+
+    Args:
+        weight: (N, K) float weight.
+        mask: (N, K // group_size) bool keep-mask.
+        qparam_method: "minmax" or "mse".
+
+    Returns:
+        PackedWeight whose ``dequantize()`` is the quantized, pruned weight.
+    """
+    groups = to_groups(weight.float(), group_size)  # (N, G, g)
+    scale, zero = group_qparams(groups, bits, symmetric, qparam_method)  # (N, G) each
+    codes = quantize(groups, scale, zero, bits)  # (N, G, g)
+    return PackedWeight.pack(codes, scale, None if symmetric else zero, mask, bits)

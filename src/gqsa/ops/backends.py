@@ -1,0 +1,89 @@
+"""Kernel registry behind the ``gqsa::linear`` op: an explicit backend choice per call.
+
+``reference`` (unpack, dequantize, dense matmul) runs everywhere and is the oracle. Native and Triton kernels
+register themselves here with the device types they serve and an availability check; ``auto`` takes the
+first available kernel for the input's device in priority order and falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(str, Enum):
+    """Which implementation computes ``gqsa::linear``."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of ``gqsa::linear``.
+
+    fn has the op's signature minus ``backend``; ``available()`` says whether it can run in this process
+    (e.g. its extension compiled); ``priority``: higher is preferred by ``auto``.
+    """
+
+    name: str
+    device_types: frozenset[str]
+    fn: Callable[..., torch.Tensor]
+    available: Callable[[], bool]
+    priority: int = 0
+
+
+_KERNELS: dict[str, Kernel] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register_kernel(kernel: Kernel) -> None:
+    """Add (or replace) a kernel by name."""
+    if kernel.name in (Backend.AUTO.value, Backend.REFERENCE.value):
+        raise ValueError(f"kernel name {kernel.name!r} is reserved")
+    _KERNELS[kernel.name] = kernel
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    """Names accepted as ``backend`` for tensors on ``device_type`` (always includes auto and reference)."""
+    names = [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority) if _usable(k, device_type)]
+    return [Backend.AUTO.value, Backend.REFERENCE.value, *names]
+
+
+def _usable(kernel: Kernel, device_type: str) -> bool:
+    return device_type in kernel.device_types and kernel.available()
+
+
+def select_kernel(backend: str, device_type: str, reference: Callable[..., torch.Tensor]) -> Callable:
+    """The function that serves ``backend`` on ``device_type``.
+
+    Raises:
+        ValueError: an unknown backend name, or a known one that cannot run on this device/process.
+    """
+    if backend == Backend.REFERENCE.value:
+        return reference
+    if backend == Backend.AUTO.value:
+        for kernel in sorted(_KERNELS.values(), key=lambda k: -k.priority):
+            if _usable(kernel, device_type):
+                return kernel.fn
+        key = ("auto", device_type)
+        if key not in _warned:
+            _warned.add(key)
+            logger.info("gqsa::linear: no fast kernel for device %r; using the reference implementation", device_type)
+        return reference
+    kernel = _KERNELS.get(backend)
+    if kernel is None:
+        known = [Backend.AUTO.value, Backend.REFERENCE.value, *_KERNELS]
+        raise ValueError(f"unknown gqsa backend {backend!r}; known backends: {known}")
+    if not _usable(kernel, device_type):
+        raise ValueError(
+            f"gqsa backend {backend!r} cannot run on device type {device_type!r} here; "
+            f"available: {available_backends(device_type)}"
+        )
+    return kernel.fn
