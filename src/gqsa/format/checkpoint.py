@@ -1,0 +1,207 @@
+"""Checkpoint files: safetensors weights + ``gqsa_config.json``, with integrity checks that name what is wrong.
+
+This module knows tensors and files only; building a transformers model around them is ``gqsa.models``' job.
+The directory layout is specified in docs/FORMAT.md ("Checkpoint directory").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from gqsa.format.packed import FORMAT_VERSION, TENSOR_NAMES, FormatError, PackedWeight
+
+GQSA_CONFIG_NAME = "gqsa_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read as written; the message names the file and, where known, the tensor."""
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (contiguous, CPU)."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write ``tensors`` to ``directory/model.safetensors`` and describe them for ``gqsa_config.json``.
+
+    Returns:
+        {"file": name, "bytes": file size, "tensors": {name: {"sha256", "shape", "dtype"}}}.
+    """
+    from safetensors.torch import save_file
+
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    path = Path(directory) / WEIGHTS_NAME
+    save_file(contiguous, str(path), metadata={"format": "pt", "producer": "gqsa"})
+    return {
+        "file": WEIGHTS_NAME,
+        "bytes": path.stat().st_size,
+        "tensors": {
+            name: {"sha256": tensor_sha256(t), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in contiguous.items()
+        },
+    }
+
+
+def read_gqsa_config(directory: Path) -> dict:
+    """Read and check ``gqsa_config.json``.
+
+    Raises:
+        CheckpointError: missing file, invalid JSON, another format version, or missing keys.
+    """
+    path = Path(directory) / GQSA_CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {directory} is not a gqsa checkpoint")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != "gqsa":
+        raise CheckpointError(f"{path}: not a gqsa config (missing \"format\": \"gqsa\")")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not supported; this gqsa reads version {FORMAT_VERSION}"
+        )
+    for key in ("layers", "weights"):
+        if not isinstance(cfg.get(key), dict):
+            raise CheckpointError(f"{path}: missing or invalid {key!r} section")
+    return cfg
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header and the offset where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated (only {size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupted (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({exc})") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_weights(
+    directory: Path,
+    gqsa_config: dict,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    verify_checksums: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Load and check the weights of a checkpoint.
+
+    Checks, in order: the file exists and is as long as its header says (truncation), every tensor recorded
+    in ``gqsa_config.json`` is present and no other, shapes and dtypes match the record and ``expected``
+    (the model skeleton's), every tensor's SHA-256 matches (corruption), and every packed layer passes
+    ``PackedWeight.validate``.
+
+    Args:
+        directory: checkpoint directory.
+        gqsa_config: from ``read_gqsa_config``.
+        expected: name -> (shape, dtype) that the model to be filled needs, or None to skip that check.
+        verify_checksums: compare SHA-256 digests (costs one pass over the bytes).
+
+    Returns:
+        name -> tensor.
+
+    Raises:
+        CheckpointError: naming the file and the tensor.
+    """
+    from safetensors.torch import load_file
+
+    record = gqsa_config["weights"]
+    path = Path(directory) / record.get("file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    header, data_start = _read_header(path)
+    size = path.stat().st_size
+    for name, info in header.items():
+        end = data_start + info["data_offsets"][1]
+        if end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes"
+            )
+    recorded = record["tensors"]
+    missing = sorted(set(recorded) - set(header))
+    unexpected = sorted(set(header) - set(recorded))
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not in {GQSA_CONFIG_NAME}")
+    if expected is not None:
+        absent = sorted(set(expected) - set(header))
+        if absent:
+            raise CheckpointError(f"{path}: tensor {absent[0]!r} needed by the model is missing")
+        extra = sorted(set(header) - set(expected))
+        if extra:
+            raise CheckpointError(f"{path}: tensor {extra[0]!r} does not belong to the model")
+    for name, info in header.items():
+        shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES.get(info["dtype"])
+        rec = recorded[name]
+        if list(shape) != rec["shape"] or str(dtype).removeprefix("torch.") != rec["dtype"]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(shape)} {info['dtype']} but {GQSA_CONFIG_NAME} "
+                f"records {rec['shape']} {rec['dtype']}"
+            )
+        if expected is not None:
+            want_shape, want_dtype = expected[name]
+            if shape != tuple(want_shape) or dtype != want_dtype:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(shape)} {dtype} but the model expects "
+                    f"{list(want_shape)} {want_dtype}"
+                )
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type; name the file
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
+    if verify_checksums:
+        for name, t in tensors.items():
+            if tensor_sha256(t) != recorded[name]["sha256"]:
+                raise CheckpointError(f"{path}: tensor {name!r} is corrupted (SHA-256 does not match)")
+    for layer, meta in gqsa_config["layers"].items():
+        packed = packed_from_state(tensors, layer, meta)
+        try:
+            packed.validate(layer)
+        except FormatError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+    return tensors
+
+
+def packed_from_state(tensors: dict[str, torch.Tensor], layer: str, meta: dict) -> PackedWeight:
+    """The PackedWeight of ``layer`` from a flat state dict and the layer's metadata."""
+    parts = {name: tensors.get(f"{layer}.{name}") for name in TENSOR_NAMES}
+    missing = [n for n, t in parts.items() if t is None and not (n == "zero_point" and meta["symmetric"])]
+    if missing:
+        raise CheckpointError(f"layer {layer!r}: tensor {layer}.{missing[0]} is missing")
+    return PackedWeight(
+        **parts,
+        out_features=meta["out_features"],
+        in_features=meta["in_features"],
+        group_size=meta["group_size"],
+        bits=meta["bits"],
+    )

@@ -1,0 +1,250 @@
+"""Compressed transformers models: swap packed layers in, save, and load without dense weights.
+
+``save_compressed`` writes (atomically) ``model.safetensors``, ``gqsa_config.json``, the transformers config
+(with a ``quantization_config`` naming gqsa) and the tokenizer. ``load_compressed`` builds the model skeleton on
+the meta device, swaps in empty ``GQSALinear`` shells, checks the weights file against ``gqsa_config.json`` and
+the skeleton, and loads it with ``assign=True``: no dense weight is ever materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gqsa._version import __version__
+from gqsa.format.checkpoint import (
+    GQSA_CONFIG_NAME,
+    CheckpointError,
+    read_gqsa_config,
+    read_weights,
+    write_weights,
+)
+from gqsa.format.packed import FORMAT_VERSION
+from gqsa.nn.packed_linear import GQSALinear
+from gqsa.utils.io import atomic_directory, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+LAYER_KEYS = ("out_features", "in_features", "group_size", "bits", "symmetric", "nnz", "bias")
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def packed_layers(model: nn.Module) -> dict[str, GQSALinear]:
+    """Every GQSALinear of the model by full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GQSALinear)}
+
+
+def layer_metadata(model: nn.Module) -> dict[str, dict]:
+    """Per packed layer, what a loader needs to build it empty (``GQSALinear.metadata``)."""
+    return {name: m.metadata() for name, m in packed_layers(model).items()}
+
+
+def swap_in_packed_shells(
+    model: nn.Module, layers: dict[str, dict], dtype: torch.dtype | None = None, device: str = "meta"
+) -> None:
+    """Replace the named ``nn.Linear`` modules by empty GQSALinear layers shaped by ``layers``' metadata.
+
+    Raises:
+        CheckpointError: a layer is missing from the model, is not a linear layer, or has other dimensions.
+    """
+    for name, meta in layers.items():
+        missing = [k for k in LAYER_KEYS if k not in meta]
+        if missing:
+            raise CheckpointError(f"layer {name!r}: metadata lacks {missing}")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"layer {name!r} does not exist in the {type(model).__name__} skeleton") from exc
+        if not isinstance(old, (nn.Linear, GQSALinear)):
+            raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a linear layer")
+        if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
+            raise CheckpointError(
+                f"layer {name!r}: checkpoint has {meta['out_features']}x{meta['in_features']} but the model "
+                f"config gives {old.out_features}x{old.in_features}"
+            )
+        bias_dtype = dtype or (old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32)
+        shell = GQSALinear(
+            meta["in_features"],
+            meta["out_features"],
+            bits=meta["bits"],
+            group_size=meta["group_size"],
+            nnz=meta["nnz"],
+            symmetric=meta["symmetric"],
+            bias=meta["bias"],
+            dtype=bias_dtype,
+            device=device,
+        )
+        set_submodule(model, name, shell)
+
+
+def _tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensor is the same storage as an earlier key's (tied weights): dropped key -> kept key."""
+    seen: dict[tuple[int, int, tuple], str] = {}
+    tied = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key] = name
+    return tied
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Sizes of a (compressed) model: packed layers, their bits per weight, sparsity, bytes of everything."""
+    layers = packed_layers(model)
+    dense_weights = sum(m.in_features * m.out_features for m in layers.values())
+    packed_bytes = sum(m.packed_weight().nbytes() for m in layers.values())
+    kept = sum(m.nnz for m in layers.values())
+    groups = sum(m.out_features * (m.in_features // m.group_size) for m in layers.values())
+    state = model.state_dict()
+    tied = _tied_duplicates(state)
+    total_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k not in tied)
+    return {
+        "num_layers": len(layers),
+        "weights_in_packed_layers": dense_weights,
+        "packed_bytes": packed_bytes,
+        "bits_per_weight": 8.0 * packed_bytes / dense_weights if dense_weights else None,
+        "sparsity": 1.0 - kept / groups if groups else None,
+        "model_bytes": total_bytes,
+    }
+
+
+def save_compressed(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    compression: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a compressed model as a gqsa checkpoint directory, atomically.
+
+    Args:
+        model: a transformers model whose compressed linears are GQSALinear.
+        tokenizer: saved beside it (may be None).
+        out_dir: target directory; it appears complete or not at all.
+        compression: the resolved compression config (``CompressConfig.to_dict()``), recorded in gqsa_config.json.
+        overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+        The directory.
+    """
+    from gqsa.models.hf_integration import quantization_config_dict
+
+    out_dir = Path(out_dir)
+    layers = layer_metadata(model)
+    if not layers:
+        raise ValueError("save_compressed: the model has no GQSALinear layer; compress it first")
+    state = model.state_dict()
+    tied = _tied_duplicates(state)
+    for name in tied:
+        del state[name]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        weights = write_weights(tmp, state)
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.quantization_config = quantization_config_dict(layers)
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        gqsa_config = {
+            "format": "gqsa",
+            "format_version": FORMAT_VERSION,
+            "gqsa_version": __version__,
+            "compression": compression,
+            "layers": layers,
+            "tied": tied,
+            "weights": weights,
+            "summary": model_summary(model),
+        }
+        atomic_write_text(tmp / GQSA_CONFIG_NAME, json.dumps(gqsa_config, indent=1, sort_keys=True) + "\n")
+    logger.info("saved compressed model to %s", out_dir)
+    return out_dir
+
+
+def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies, embedding scales) are not in the checkpoint: recompute them."""
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not metas:
+            continue
+        for n in metas:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
+        for p in module.parameters(recurse=False):
+            p._is_hf_initialized = True
+        model._init_weights(module)
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify_checksums: bool = True):
+    """Load a gqsa checkpoint as a transformers model (and its tokenizer) without dense weights.
+
+    Args:
+        path: checkpoint directory written by ``save_compressed``.
+        device: where the tensors go.
+        verify_checksums: check each tensor's SHA-256 against gqsa_config.json.
+
+    Returns:
+        (model in eval mode, tokenizer or None).
+
+    Raises:
+        CheckpointError: naming the file and tensor for truncated, corrupted, version- or shape-mismatched files.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    gqsa_config = read_gqsa_config(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{config_path}: cannot be read ({exc})") from exc
+    hf_layers = (getattr(config, "quantization_config", None) or {}).get("layers")
+    if hf_layers is not None and hf_layers != gqsa_config["layers"]:
+        raise CheckpointError(f"{config_path}: quantization_config.layers disagrees with {GQSA_CONFIG_NAME}")
+    config.quantization_config = None
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_in_packed_shells(model, gqsa_config["layers"], device="meta")
+    skeleton = model.state_dict()
+    tied = gqsa_config.get("tied", {})
+    expected = {k: (tuple(t.shape), t.dtype) for k, t in skeleton.items() if k not in tied}
+    state = read_weights(path, gqsa_config, expected=expected, verify_checksums=verify_checksums)
+    state = {k: v.to(device) for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if set(result.missing_keys) != set(tied) or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: state dict does not fit the model (missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys})"
+        )
+    for dropped, kept in tied.items():
+        owner, _, attr = dropped.rpartition(".")
+        kept_owner, _, kept_attr = kept.rpartition(".")
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(kept_owner), kept_attr))
+    _materialize_non_persistent_buffers(model, torch.device(device))
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensors {still_meta[:3]} were not loaded")
+    from gqsa.models.hf_integration import quantization_config_dict
+
+    model.config.quantization_config = quantization_config_dict(gqsa_config["layers"])
+    tokenizer = None
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
