@@ -215,3 +215,32 @@ class CompressConfig(_Config):
             return cls.from_json(path.read_text())
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
+
+
+def _preset(method: str, bits: int, group_size: int, ratio: float) -> CompressConfig:
+    return CompressConfig(
+        method=method, quant=QuantSpec(bits=bits, group_size=group_size), sparsity=SparsitySpec(ratio=ratio)
+    )
+
+
+# Named settings: the paper's GQSA points (W4, group 16, S20..S60) and dense round-to-nearest baselines.
+PRESETS: dict[str, CompressConfig] = {
+    **{f"w4s{r}": _preset("magnitude", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
+    "w2g64": _preset("magnitude", 2, 64, 0.0),
+    "w2g128": _preset("magnitude", 2, 128, 0.0),
+    "w3g128": _preset("magnitude", 3, 128, 0.0),
+    "w4g128": _preset("magnitude", 4, 128, 0.0),
+}
+DEFAULT_PRESET = "w4s50"
+
+
+def preset(name: str) -> CompressConfig:
+    """The CompressConfig of a named preset.
+
+    Raises:
+        ValueError: unknown name (the message lists the presets).
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None

@@ -205,3 +205,49 @@ def packed_from_state(tensors: dict[str, torch.Tensor], layer: str, meta: dict) 
         group_size=meta["group_size"],
         bits=meta["bits"],
     )
+
+
+def checkpoint_info(directory: Path) -> dict:
+    """Describe a checkpoint from its files alone (no model is built, no weight is read).
+
+    Returns:
+        {"path", "format_version", "gqsa_version", "num_layers", "bits_per_weight" (packed layers, all
+        metadata counted), "sparsity" (fraction of groups pruned), "weights_in_packed_layers", "packed_bytes",
+        "bytes" (all files of the directory), "layers": {name: {...metadata, "bits_per_weight", "sparsity"}},
+        "compression"}.
+    """
+    directory = Path(directory)
+    cfg = read_gqsa_config(directory)
+    recorded = cfg["weights"]["tensors"]
+    layers, dense, packed_bytes, kept, groups = {}, 0, 0, 0, 0
+    for name, meta in cfg["layers"].items():
+        nbytes = 0
+        for tname in TENSOR_NAMES:
+            rec = recorded.get(f"{name}.{tname}")
+            if rec is not None:
+                numel = 1
+                for d in rec["shape"]:
+                    numel *= d
+                nbytes += numel * getattr(torch, rec["dtype"]).itemsize
+        n_dense = meta["out_features"] * meta["in_features"]
+        n_groups = meta["out_features"] * (meta["in_features"] // meta["group_size"])
+        layers[name] = {
+            **meta,
+            "bits_per_weight": 8.0 * nbytes / n_dense,
+            "sparsity": 1.0 - meta["nnz"] / n_groups,
+        }
+        dense, packed_bytes, kept, groups = dense + n_dense, packed_bytes + nbytes, kept + meta["nnz"], groups + n_groups
+    on_disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return {
+        "path": str(directory),
+        "format_version": cfg["format_version"],
+        "gqsa_version": cfg.get("gqsa_version"),
+        "num_layers": len(layers),
+        "weights_in_packed_layers": dense,
+        "packed_bytes": packed_bytes,
+        "bits_per_weight": 8.0 * packed_bytes / dense if dense else None,
+        "sparsity": 1.0 - kept / groups if groups else None,
+        "bytes": on_disk,
+        "compression": cfg.get("compression"),
+        "layers": layers,
+    }

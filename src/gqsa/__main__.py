@@ -1,0 +1,3 @@
+from gqsa.cli import main
+import sys
+sys.exit(main())

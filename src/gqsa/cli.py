@@ -1,0 +1,251 @@
+"""The ``gqsa`` command line: subcommands fill configs and call the library; results are printed here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("gqsa")
+
+
+def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(f"--{prefix}dataset", default=None, help="packaged corpus: wiki, c4, code, technical, ...")
+    src.add_argument(f"--{prefix}text-file", default=None, help="a .txt (blank-line separated) or .jsonl file")
+    p.add_argument(f"--{prefix}seq-len", type=int, default=2048, help="tokens per evaluation window")
+    p.add_argument(f"--{prefix}max-tokens", type=int, default=16384, help="held-out tokens scored (0 = all)")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=1, help="windows per forward pass")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, DEFAULT_PRESET, PRESETS, QPARAM_METHODS
+
+    parser = argparse.ArgumentParser(prog="gqsa", description="Group quantization and sparsity for LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model into the packed GQSA format")
+    c.add_argument("model", nargs="?", default=None, help="HF model dir or .gguf file (default: SmolLM2-135M)")
+    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
+    c.add_argument("--method", choices=COMPRESS_METHODS, help="override the preset's method")
+    c.add_argument("--bits", type=int, help="override: code width (2, 3, 4, 8)")
+    c.add_argument("--group-size", type=int, help="override: columns per group (power of two, 8..256)")
+    c.add_argument("--sparsity", type=float, help="override: fraction of groups pruned, in [0, 1)")
+    c.add_argument("--allocation", choices=ALLOCATIONS, help="override: sparsity allocation")
+    c.add_argument("--symmetric", action="store_true", help="symmetric quantization (no stored zero point)")
+    c.add_argument("--qparams", choices=QPARAM_METHODS, help="override: how scales/zero points are chosen")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--eval", action="store_true", help="measure held-out perplexity before and after")
+    _add_ppl_args(c, prefix="eval-")
+    c.add_argument("--sample-prompt", default=None, help="also generate a sample from this prompt after compressing")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = sub.add_parser("eval", help="evaluate a model or a compressed checkpoint")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ppl = esub.add_parser("ppl", help="held-out perplexity (documented protocol, docs/EVALUATION.md)")
+    ppl.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
+    _add_ppl_args(ppl)
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("generate", help="generate text with a model or compressed checkpoint")
+    g.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+
+    i = sub.add_parser("info", help="describe a compressed checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks (kernels and end to end)")
+    b.add_argument("what", nargs="?", default="kernel")
+    return parser
+
+
+def _resolve_compress_config(args):
+    from gqsa.config import preset
+
+    cfg = preset(args.preset)
+    quant, sparsity = cfg.quant, cfg.sparsity
+    quant = quant.replace(
+        **{
+            k: v
+            for k, v in {
+                "bits": args.bits,
+                "group_size": args.group_size,
+                "qparam_method": args.qparams,
+                "symmetric": True if args.symmetric else None,
+            }.items()
+            if v is not None
+        }
+    )
+    sparsity = sparsity.replace(
+        **{k: v for k, v in {"ratio": args.sparsity, "allocation": args.allocation}.items() if v is not None}
+    )
+    return cfg.replace(method=args.method or cfg.method, quant=quant, sparsity=sparsity)
+
+
+def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
+    from gqsa.eval.heldout import heldout_perplexity
+
+    get = lambda name: getattr(args, prefix + name)  # noqa: E731
+    source = get("text_file") or get("dataset") or "wiki"
+    max_tokens = get("max_tokens") or None
+    return heldout_perplexity(
+        model, tokenizer, source, seq_len=get("seq_len"), max_tokens=max_tokens, batch_size=get("batch_size")
+    )
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
+              chat=True, stream=False) -> str:
+    import torch
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.inference_mode():
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **sampling
+        )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_compress(args) -> int:
+    import gqsa
+    from gqsa.compress import compress_model
+    from gqsa.models.compressed import model_summary
+    from gqsa.models.loading import load_model
+    from gqsa.utils.io import atomic_write_text
+
+    config = _resolve_compress_config(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    dense = model_summary(model)["model_bytes"]
+    report = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
+    if args.eval:
+        report["ppl_before"] = _ppl(model, tokenizer, args, prefix="eval_")
+    report.update(compress_model(model, config))
+    if args.eval:
+        report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
+    if args.sample_prompt:
+        report["sample"] = {"prompt": args.sample_prompt,
+                            "completion": _generate(model, tokenizer, args.sample_prompt, 48)}
+    report["dense_model_bytes"] = dense
+    gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "compress_config.json", config.to_json() + "\n")
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    s = report["summary"]
+    q, sp = config.quant, config.sparsity
+    print(f"compressed {report['model']} -> {out}")
+    print(f"  method {config.method}: W{q.bits} group {q.group_size} {'sym' if q.symmetric else 'asym'}, "
+          f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
+    print(f"  {s['num_layers']} linear layers: {s['bits_per_weight']:.3f} bits per weight (all metadata counted), "
+          f"{s['sparsity']:.1%} groups pruned")
+    print(f"  model tensors: {_mb(dense)} dense fp32 -> {_mb(s['model_bytes'])} "
+          f"(linear layers {_mb(s['weights_in_packed_layers'] * 4)} -> {_mb(s['packed_bytes'])})")
+    if args.eval:
+        b, a = report["ppl_before"], report["ppl_after"]
+        print(f"  perplexity on held-out {a['dataset']} ({a['tokens']} tokens, windows of {a['seq_len']}): "
+              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+    if args.sample_prompt:
+        print(f"  sample: {args.sample_prompt!r} -> {report['sample']['completion']!r}")
+    print(f"  compression {report['wall_time_s']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MiB")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from gqsa.models.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']}: perplexity {result['ppl']:.3f} on held-out {result['dataset']} "
+              f"({result['tokens']} predicted tokens in {result['windows']} windows of {result['seq_len']})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from gqsa.models.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    text = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                     chat=not args.no_chat_template, stream=args.stream)
+    if not args.stream:
+        print(text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from gqsa.format.checkpoint import checkpoint_info
+
+    info = checkpoint_info(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['path']}: gqsa checkpoint, format version {info['format_version']}")
+    print(f"  {info['num_layers']} packed layers, {info['bits_per_weight']:.3f} bits per weight, "
+          f"{info['sparsity']:.1%} of groups pruned")
+    print(f"  packed linear weights {_mb(info['packed_bytes'])}, directory {_mb(info['bytes'])}")
+    if info["compression"]:
+        q, s = info["compression"]["quant"], info["compression"]["sparsity"]
+        print(f"  compressed with {info['compression']['method']}: W{q['bits']} g{q['group_size']}, "
+              f"sparsity {s['ratio']} ({s['allocation']})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    print("gqsa bench: no benchmark ships in this version yet (kernel and end-to-end benchmarks come with the "
+          "native/Triton kernels)", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    handlers = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
+                "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"gqsa {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

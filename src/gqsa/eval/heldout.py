@@ -1,0 +1,41 @@
+"""The documented perplexity protocol on held-out text.
+
+Protocol: take the held-out part of the corpus (the last 20% of its documents, never used for calibration),
+tokenize it without special tokens, cut the first ``max_tokens`` tokens into non-overlapping windows of
+``seq_len`` tokens, score each window independently (every token after the first of a window is predicted),
+and report exp(mean negative log-likelihood) over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+from gqsa.data.corpora import load_text
+from gqsa.data.windows import eval_windows, tokenize_text
+from gqsa.eval.perplexity import perplexity
+
+HELDOUT_FRACTION = 0.2
+
+
+def heldout_perplexity(
+    model,
+    tokenizer,
+    source: str,
+    seq_len: int = 2048,
+    max_tokens: int | None = 16384,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of ``model`` on the held-out part of ``source`` (a corpus name or a text/jsonl path).
+
+    Returns:
+        {"ppl", "nll", "tokens" (predicted tokens scored), "seq_len", "windows", "dataset", "max_tokens",
+        "heldout_fraction"}.
+    """
+    text = load_text(source, "heldout", heldout_fraction=HELDOUT_FRACTION)
+    windows = eval_windows(tokenize_text(tokenizer, text), seq_len, max_tokens)
+    result = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    return {
+        **result.to_dict(),
+        "dataset": str(source),
+        "max_tokens": max_tokens,
+        "heldout_fraction": HELDOUT_FRACTION,
+    }
