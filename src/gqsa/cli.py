@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     handlers = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
                 "bench": cmd_bench}
     try:

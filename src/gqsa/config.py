@@ -90,7 +90,7 @@ class QuantSpec(_Config):
     qparam_method: str = "minmax"
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"QuantSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if (
             not isinstance(self.group_size, int)

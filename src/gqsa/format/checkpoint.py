@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
 
-from gqsa.format.packed import FORMAT_VERSION, TENSOR_NAMES, FormatError, PackedWeight
+from gqsa.format.packed import FORMAT_VERSION, TENSOR_NAMES, FormatError, PackedWeight, summarize_layers
 
 GQSA_CONFIG_NAME = "gqsa_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -219,34 +220,22 @@ def checkpoint_info(directory: Path) -> dict:
     directory = Path(directory)
     cfg = read_gqsa_config(directory)
     recorded = cfg["weights"]["tensors"]
-    layers, dense, packed_bytes, kept, groups = {}, 0, 0, 0, 0
+    layers, sizes = {}, []
     for name, meta in cfg["layers"].items():
         nbytes = 0
         for tname in TENSOR_NAMES:
             rec = recorded.get(f"{name}.{tname}")
             if rec is not None:
-                numel = 1
-                for d in rec["shape"]:
-                    numel *= d
-                nbytes += numel * getattr(torch, rec["dtype"]).itemsize
-        n_dense = meta["out_features"] * meta["in_features"]
-        n_groups = meta["out_features"] * (meta["in_features"] // meta["group_size"])
-        layers[name] = {
-            **meta,
-            "bits_per_weight": 8.0 * nbytes / n_dense,
-            "sparsity": 1.0 - meta["nnz"] / n_groups,
-        }
-        dense, packed_bytes, kept, groups = dense + n_dense, packed_bytes + nbytes, kept + meta["nnz"], groups + n_groups
+                nbytes += math.prod(rec["shape"]) * getattr(torch, rec["dtype"]).itemsize
+        one = summarize_layers([(meta, nbytes)])
+        layers[name] = {**meta, "bits_per_weight": one["bits_per_weight"], "sparsity": one["sparsity"]}
+        sizes.append((meta, nbytes))
     on_disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     return {
         "path": str(directory),
         "format_version": cfg["format_version"],
         "gqsa_version": cfg.get("gqsa_version"),
-        "num_layers": len(layers),
-        "weights_in_packed_layers": dense,
-        "packed_bytes": packed_bytes,
-        "bits_per_weight": 8.0 * packed_bytes / dense if dense else None,
-        "sparsity": 1.0 - kept / groups if groups else None,
+        **summarize_layers(sizes),
         "bytes": on_disk,
         "compression": cfg.get("compression"),
         "layers": layers,

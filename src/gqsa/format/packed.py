@@ -298,6 +298,26 @@ class PackedWeight:
             raise FormatError(f"{name}.scale: every kept group needs a finite positive scale")
 
 
+def summarize_layers(layers: list[tuple[dict, int]]) -> dict:
+    """Totals over packed layers, each given as (``PackedWeight.metadata()``, stored bytes).
+
+    Returns:
+        {"num_layers", "weights_in_packed_layers" (dense weight count), "packed_bytes", "bits_per_weight",
+        "sparsity" (fraction of groups pruned)}; the last two are None when there is no layer.
+    """
+    dense = sum(m["out_features"] * m["in_features"] for m, _ in layers)
+    groups = sum(m["out_features"] * (m["in_features"] // m["group_size"]) for m, _ in layers)
+    kept = sum(m["nnz"] for m, _ in layers)
+    nbytes = sum(b for _, b in layers)
+    return {
+        "num_layers": len(layers),
+        "weights_in_packed_layers": dense,
+        "packed_bytes": nbytes,
+        "bits_per_weight": 8.0 * nbytes / dense if dense else None,
+        "sparsity": 1.0 - kept / groups if groups else None,
+    }
+
+
 def _dims(p: PackedWeight) -> dict:
     return {
         "out_features": p.out_features,

@@ -23,7 +23,7 @@ from gqsa.format.checkpoint import (
     read_weights,
     write_weights,
 )
-from gqsa.format.packed import FORMAT_VERSION
+from gqsa.format.packed import FORMAT_VERSION, summarize_layers
 from gqsa.nn.packed_linear import GQSALinear
 from gqsa.utils.io import atomic_directory, atomic_write_text
 
@@ -102,20 +102,12 @@ def _tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def model_summary(model: nn.Module) -> dict:
     """Sizes of a (compressed) model: packed layers, their bits per weight, sparsity, bytes of everything."""
-    layers = packed_layers(model)
-    dense_weights = sum(m.in_features * m.out_features for m in layers.values())
-    packed_bytes = sum(m.packed_weight().nbytes() for m in layers.values())
-    kept = sum(m.nnz for m in layers.values())
-    groups = sum(m.out_features * (m.in_features // m.group_size) for m in layers.values())
+    summary = summarize_layers([(m.metadata(), m.packed_weight().nbytes()) for m in packed_layers(model).values()])
     state = model.state_dict()
     tied = _tied_duplicates(state)
     total_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k not in tied)
     return {
-        "num_layers": len(layers),
-        "weights_in_packed_layers": dense_weights,
-        "packed_bytes": packed_bytes,
-        "bits_per_weight": 8.0 * packed_bytes / dense_weights if dense_weights else None,
-        "sparsity": 1.0 - kept / groups if groups else None,
+        **summary,
         "model_bytes": total_bytes,
     }
 

@@ -25,8 +25,17 @@ def symmetric_zero_point(bits: int) -> int:
 
 
 def round_scale_fp16(scale: torch.Tensor) -> torch.Tensor:
-    """Clamp to the positive fp16 range and round to fp16, returned in float32."""
-    return scale.float().clamp(_MIN_SCALE, _MAX_SCALE).to(torch.float16).float()
+    """Clamp to the positive fp16 range and round UP to an fp16 value, returned in float32.
+
+    Rounding up (never down) keeps ``qmax * scale`` at least the range it must cover, so rounding the
+    scale to fp16 never clips the group's extreme values by more than half a step.
+    """
+    s = scale.float().clamp(_MIN_SCALE, _MAX_SCALE)
+    s16 = s.to(torch.float16)
+    below = s16.float() < s
+    # For positive finite fp16 values, the next representable value has the next integer bit pattern.
+    bumped = (s16.view(torch.int16) + below.to(torch.int16)).view(torch.float16)
+    return bumped.float()
 
 
 def range_qparams(

@@ -1,0 +1,126 @@
+"""The gqsa command line on a tiny model and a tiny text file."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+from gqsa.cli import main
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text((SAMPLE_TEXT * 6).strip() + "\n")
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+PPL_ARGS = ("--seq-len", 16, "--max-tokens", 64)
+
+
+def test_eval_ppl_json(capsys, dense_dir, text_file):
+    from gqsa.eval.heldout import heldout_perplexity
+    from gqsa.models.loading import load_model
+
+    code, out, _ = _run(capsys, "eval", "ppl", dense_dir, "--text-file", text_file, *PPL_ARGS, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["seq_len"] == 16 and result["windows"] == 4 and result["tokens"] == 4 * 15
+    model, tok = load_model(dense_dir)
+    direct = heldout_perplexity(model, tok, str(text_file), seq_len=16, max_tokens=64, progress=False)
+    assert math.isclose(result["ppl"], direct["ppl"], rel_tol=1e-9)
+    assert 1.0 < result["ppl"] < 2 * 320  # a random model is near uniform over the 320-token vocabulary
+
+
+def test_eval_ppl_text_output(capsys, dense_dir, text_file):
+    code, out, _ = _run(capsys, "eval", "ppl", dense_dir, "--text-file", text_file, *PPL_ARGS)
+    assert code == 0 and "perplexity" in out and "60 predicted tokens" in out
+
+
+def test_compress_info_eval_generate(capsys, dense_dir, text_file, tmp_path):
+    out_dir = tmp_path / "w4s50"
+    code, out, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--preset", "w4s50", "--eval",
+                          "--eval-text-file", text_file, "--eval-seq-len", 16, "--eval-max-tokens", 64, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["summary"]["num_layers"] == 14
+    assert report["summary"]["sparsity"] == pytest.approx(0.5)
+    assert report["ppl_before"]["ppl"] != report["ppl_after"]["ppl"]
+    for name in ("model.safetensors", "gqsa_config.json", "config.json", "report.json", "compress_config.json"):
+        assert (out_dir / name).is_file(), name
+    assert json.loads((out_dir / "compress_config.json").read_text())["quant"]["group_size"] == 16
+
+    code, out, _ = _run(capsys, "info", out_dir, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["num_layers"] == 14 and info["sparsity"] == pytest.approx(0.5)
+    assert info["bits_per_weight"] == pytest.approx(report["summary"]["bits_per_weight"])
+    assert info["bytes"] == sum(p.stat().st_size for p in out_dir.iterdir())
+
+    code, out, _ = _run(capsys, "eval", "ppl", out_dir, "--text-file", text_file, *PPL_ARGS, "--json")
+    assert code == 0
+    assert json.loads(out)["ppl"] == pytest.approx(report["ppl_after"]["ppl"], rel=1e-6)
+
+    code, out, _ = _run(capsys, "generate", out_dir, "--prompt", "The quick", "--max-new-tokens", 5,
+                        "--no-chat-template")
+    assert code == 0 and out.strip()
+
+
+def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, tmp_path):
+    out_dir = tmp_path / "w3"
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--bits", 3, "--group-size", 32,
+                        "--sparsity", 0.25, "--allocation", "matrix", "--symmetric", "--qparams", "mse")
+    assert code == 0, err
+    cfg = json.loads((out_dir / "compress_config.json").read_text())
+    assert cfg["quant"] == {"bits": 3, "group_size": 32, "symmetric": True, "qparam_method": "mse"}
+    assert cfg["sparsity"] == {"ratio": 0.25, "allocation": "matrix"}
+    layer = json.loads((out_dir / "gqsa_config.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
+    assert layer["bits"] == 3 and layer["group_size"] == 32 and layer["symmetric"] is True
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (("--group-size", 12), "group_size"),
+        (("--group-size", 256), "does not divide in_features 64"),
+        (("--sparsity", 1.0), "ratio must be in"),
+        (("--bits", 5), "bits must be one of"),
+        (("--preset", "w9s99"), "unknown preset"),
+    ],
+)
+def test_compress_bad_input_is_named(capsys, dense_dir, tmp_path, flags, message):
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "x", *flags)
+    assert code == 1 and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_keeps_existing_output(capsys, dense_dir, tmp_path):
+    out_dir = tmp_path / "existing"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("precious")
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir)
+    assert code == 1 and "--overwrite" in err
+    assert (out_dir / "keep.txt").read_text() == "precious"
+
+
+def test_missing_model_and_non_checkpoint_are_errors(capsys, tmp_path, dense_dir):
+    code, _, err = _run(capsys, "eval", "ppl", tmp_path / "nope", "--dataset", "wiki")
+    assert code == 1 and "nope" in err
+    code, _, err = _run(capsys, "info", dense_dir)
+    assert code == 1 and "not a gqsa checkpoint" in err
