@@ -34,6 +34,11 @@ def _run(capsys, *argv):
 PPL_ARGS = ("--seq-len", 16, "--max-tokens", 64)
 
 
+def calib(text_file):
+    """Calibration flags for method gqsa: 4 windows of 32 tokens from the calibration part of the text file."""
+    return ("--calib-dataset", text_file, "--calib-samples", 4, "--seq-len", 32)
+
+
 def test_eval_ppl_json(capsys, dense_dir, text_file):
     from gqsa.eval.heldout import heldout_perplexity
     from gqsa.models.loading import load_model
@@ -55,7 +60,7 @@ def test_eval_ppl_text_output(capsys, dense_dir, text_file):
 
 def test_compress_info_eval_generate(capsys, dense_dir, text_file, tmp_path):
     out_dir = tmp_path / "w4s50"
-    code, out, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--preset", "w4s50", "--eval",
+    code, out, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--preset", "w4s50", *calib(text_file), "--eval",
                           "--eval-text-file", text_file, "--eval-seq-len", 16, "--eval-max-tokens", 64, "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -82,14 +87,17 @@ def test_compress_info_eval_generate(capsys, dense_dir, text_file, tmp_path):
     assert code == 0 and out.strip()
 
 
-def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, tmp_path):
+def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, tmp_path):
     out_dir = tmp_path / "w3"
     code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--bits", 3, "--group-size", 32,
-                        "--sparsity", 0.25, "--allocation", "matrix", "--symmetric", "--qparams", "mse")
+                        "--sparsity", 0.25, "--allocation", "matrix", "--symmetric", "--qparams", "mse",
+                        "--saliency", "wanda", "--damp", 0.05, *calib(text_file), "--seed", 7)
     assert code == 0, err
     cfg = json.loads((out_dir / "compress_config.json").read_text())
     assert cfg["quant"] == {"bits": 3, "group_size": 32, "symmetric": True, "qparam_method": "mse"}
     assert cfg["sparsity"] == {"ratio": 0.25, "allocation": "matrix"}
+    assert cfg["oneshot"]["saliency"] == "wanda" and cfg["oneshot"]["damp"] == 0.05
+    assert cfg["calib"] == {"dataset": str(text_file), "samples": 4, "seq_len": 32, "seed": 7}
     layer = json.loads((out_dir / "gqsa_config.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
     assert layer["bits"] == 3 and layer["group_size"] == 32 and layer["symmetric"] is True
 
@@ -102,10 +110,12 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, tmp_path):
         (("--sparsity", 1.0), "ratio must be in"),
         (("--bits", 5), "bits must be one of"),
         (("--preset", "w9s99"), "unknown preset"),
+        (("--allocation", "model"), "allocation 'model' is not supported by method 'gqsa'"),
+        (("--calib-samples", 0), "samples must be a positive integer"),
     ],
 )
-def test_compress_bad_input_is_named(capsys, dense_dir, tmp_path, flags, message):
-    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "x", *flags)
+def test_compress_bad_input_is_named(capsys, dense_dir, text_file, tmp_path, flags, message):
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "x", *calib(text_file), *flags)
     assert code == 1 and message in err
     assert not (tmp_path / "x").exists()
 

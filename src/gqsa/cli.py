@@ -22,7 +22,7 @@ def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, DEFAULT_PRESET, PRESETS, QPARAM_METHODS
+    from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, DEFAULT_PRESET, PRESETS, QPARAM_METHODS, SALIENCIES
 
     parser = argparse.ArgumentParser(prog="gqsa", description="Group quantization and sparsity for LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
@@ -39,6 +39,12 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=ALLOCATIONS, help="override: sparsity allocation")
     c.add_argument("--symmetric", action="store_true", help="symmetric quantization (no stored zero point)")
     c.add_argument("--qparams", choices=QPARAM_METHODS, help="override: how scales/zero points are chosen")
+    c.add_argument("--saliency", choices=SALIENCIES, help="override: group importance of method gqsa")
+    c.add_argument("--damp", type=float, help="override: Hessian dampening (relative to its mean diagonal)")
+    c.add_argument("--calib-dataset", help="calibration text: packaged corpus name or .txt/.jsonl path (default wiki)")
+    c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
+    c.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
+    c.add_argument("--seed", type=int, help="seed of the calibration window sampler (default 0)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--eval", action="store_true", help="measure held-out perplexity before and after")
     _add_ppl_args(c, prefix="eval-")
@@ -91,7 +97,23 @@ def _resolve_compress_config(args):
     sparsity = sparsity.replace(
         **{k: v for k, v in {"ratio": args.sparsity, "allocation": args.allocation}.items() if v is not None}
     )
-    return cfg.replace(method=args.method or cfg.method, quant=quant, sparsity=sparsity)
+    calib = cfg.calib.replace(
+        **{
+            k: v
+            for k, v in {
+                "dataset": args.calib_dataset,
+                "samples": args.calib_samples,
+                "seq_len": args.seq_len,
+                "seed": args.seed,
+            }.items()
+            if v is not None
+        }
+    )
+    oneshot = cfg.oneshot.replace(
+        **{k: v for k, v in {"saliency": args.saliency, "damp": args.damp}.items() if v is not None}
+    )
+    return cfg.replace(method=args.method or cfg.method, quant=quant, sparsity=sparsity, calib=calib,
+                       oneshot=oneshot)
 
 
 def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
@@ -136,7 +158,7 @@ def _mb(n: float) -> str:
 
 def cmd_compress(args) -> int:
     import gqsa
-    from gqsa.compress import compress_model
+    from gqsa.compress import calibration_ids, compress_model
     from gqsa.models.compressed import model_summary
     from gqsa.models.loading import load_model
     from gqsa.utils.io import atomic_write_text
@@ -151,7 +173,8 @@ def cmd_compress(args) -> int:
     report = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
     if args.eval:
         report["ppl_before"] = _ppl(model, tokenizer, args, prefix="eval_")
-    report.update(compress_model(model, config))
+    calib_ids = calibration_ids(tokenizer, config) if config.method == "gqsa" else None
+    report.update(compress_model(model, config, calib_ids=calib_ids))
     if args.eval:
         report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
     if args.sample_prompt:

@@ -21,7 +21,8 @@ MIN_GROUP_SIZE = 8
 MAX_GROUP_SIZE = 256
 QPARAM_METHODS = ("minmax", "mse")
 ALLOCATIONS = ("row", "matrix", "model")
-COMPRESS_METHODS = ("magnitude",)
+COMPRESS_METHODS = ("magnitude", "gqsa")
+SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -171,23 +172,62 @@ class CalibSpec(_Config):
 
 
 @dataclass(frozen=True)
+class OneShotSpec(_Config):
+    """Settings of the calibrated one-shot step (method "gqsa").
+
+    Attributes:
+        saliency: group importance: "obs" (exact OBS output error of removing the group), "obs_diag" (its
+            diagonal approximation), "wanda" (activation-weighted magnitude) or "magnitude".
+        damp: dampening of the Hessian, relative to its mean diagonal.
+        block_size: columns per lazy error-compensation update (raised to the group size if smaller).
+    """
+
+    saliency: str = "obs"
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.saliency not in SALIENCIES:
+            raise ValueError(f"OneShotSpec.saliency must be one of {SALIENCIES}, got {self.saliency!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ValueError(f"OneShotSpec.damp must be in (0, 1), got {self.damp!r}")
+        object.__setattr__(self, "damp", float(self.damp))
+        if (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or not _is_power_of_two(self.block_size)
+            or self.block_size < MIN_GROUP_SIZE
+        ):
+            raise ValueError(f"OneShotSpec.block_size must be a power of two >= 8, got {self.block_size!r}")
+
+
+@dataclass(frozen=True)
 class CompressConfig(_Config):
     """The whole compression: which method, its quantization and sparsity, its calibration data.
 
     Attributes:
-        method: compression algorithm ("magnitude": prune groups with the smallest L2 norm, quantize the rest).
+        method: compression algorithm: "gqsa" (calibrated: Hessian-aware group saliency, then pruning and
+            quantization with error compensation, block by block) or "magnitude" (data-free: prune the groups
+            with the smallest L2 norm, round the rest to nearest).
         quant: the QuantSpec of every compressed layer.
         sparsity: the SparsitySpec.
         calib: the CalibSpec (unused by data-free methods, recorded anyway).
+        oneshot: the OneShotSpec of method "gqsa".
         version: config schema version; files written by another version are rejected with a clear error.
     """
 
-    _nested: ClassVar[dict[str, type]] = {"quant": QuantSpec, "sparsity": SparsitySpec, "calib": CalibSpec}
+    _nested: ClassVar[dict[str, type]] = {
+        "quant": QuantSpec,
+        "sparsity": SparsitySpec,
+        "calib": CalibSpec,
+        "oneshot": OneShotSpec,
+    }
 
-    method: str = "magnitude"
+    method: str = "gqsa"
     quant: QuantSpec = field(default_factory=QuantSpec)
     sparsity: SparsitySpec = field(default_factory=SparsitySpec)
     calib: CalibSpec = field(default_factory=CalibSpec)
+    oneshot: OneShotSpec = field(default_factory=OneShotSpec)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -196,6 +236,12 @@ class CompressConfig(_Config):
         for name, cls in self._nested.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"CompressConfig.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        if self.method == "gqsa":
+            if self.sparsity.allocation == "model":
+                raise ValueError(
+                    "CompressConfig: sparsity allocation 'model' is not supported by method 'gqsa' yet (blocks are "
+                    "compressed one at a time); use 'row' or 'matrix'"
+                )
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"CompressConfig.version {self.version!r} is not supported by this gqsa (expects {CONFIG_VERSION})"
@@ -223,13 +269,16 @@ def _preset(method: str, bits: int, group_size: int, ratio: float) -> CompressCo
     )
 
 
-# Named settings: the paper's GQSA points (W4, group 16, S20..S60) and dense round-to-nearest baselines.
+# Named settings: the paper's GQSA points (W4, group 16, S20..S60, calibrated), dense GPTQ-style baselines
+# (method "gqsa" at sparsity 0 is GPTQ with groups) and data-free round-to-nearest ("rtn-") and magnitude ones.
 PRESETS: dict[str, CompressConfig] = {
-    **{f"w4s{r}": _preset("magnitude", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
-    "w2g64": _preset("magnitude", 2, 64, 0.0),
-    "w2g128": _preset("magnitude", 2, 128, 0.0),
-    "w3g128": _preset("magnitude", 3, 128, 0.0),
-    "w4g128": _preset("magnitude", 4, 128, 0.0),
+    **{f"w4s{r}": _preset("gqsa", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
+    **{f"magnitude-w4s{r}": _preset("magnitude", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
+    "w2g64": _preset("gqsa", 2, 64, 0.0),
+    "w2g128": _preset("gqsa", 2, 128, 0.0),
+    "w3g128": _preset("gqsa", 3, 128, 0.0),
+    "w4g128": _preset("gqsa", 4, 128, 0.0),
+    **{f"rtn-w{b}g{g}": _preset("magnitude", b, g, 0.0) for b, g in ((2, 64), (2, 128), (3, 128), (4, 128))},
 }
 DEFAULT_PRESET = "w4s50"
 

@@ -20,6 +20,7 @@ IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 1, 64, 12, 5]])
 def _compressed(arch="llama", bits=4, group_size=16, ratio=0.5, symmetric=False, allocation="row"):
     model = tiny_model(arch)
     cfg = CompressConfig(
+        method="magnitude",
         quant=QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric),
         sparsity=SparsitySpec(ratio=ratio, allocation=allocation),
     )

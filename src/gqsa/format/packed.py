@@ -174,6 +174,8 @@ class PackedWeight:
         """
         if codes.dim() != 3:
             raise FormatError(f"codes must be (N, G, group_size), got shape {tuple(codes.shape)}")
+        if codes.dtype != torch.uint8:
+            raise FormatError(f"codes must be uint8, got {codes.dtype}")
         n, g_count, group_size = codes.shape
         if mask.shape != (n, g_count) or scale.shape != (n, g_count):
             raise FormatError(
@@ -202,7 +204,7 @@ class PackedWeight:
         return cls(
             crow_indices=crow,
             col_indices=cols.to(col_indices_dtype(g_count)),
-            values=pack_bits(codes[rows, cols].to(torch.uint8), bits),  # (nnz, g * bits / 8)
+            values=pack_bits(codes[rows, cols], bits),  # (nnz, g * bits / 8)
             scale=fp16_scale,
             zero_point=packed_zero,
             out_features=n,
@@ -296,6 +298,10 @@ class PackedWeight:
         s = self.scale.float()
         if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
             raise FormatError(f"{name}.scale: every kept group needs a finite positive scale")
+        if self.zero_point is not None and (nnz * self.bits) % 8:
+            used = (nnz * self.bits) % 8
+            if int(self.zero_point[-1]) >> used:
+                raise FormatError(f"{name}.zero_point: padding bits after the last zero point must be 0")
 
 
 def summarize_layers(layers: list[tuple[dict, int]]) -> dict:

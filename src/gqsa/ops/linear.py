@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gqsa.config import MAX_GROUP_SIZE, MIN_GROUP_SIZE
 from gqsa.format.bitpack import PACKABLE_BITS, packed_nbytes
 from gqsa.format.packed import PackedWeight, col_indices_dtype, dequantize_bsr
 from gqsa.ops.backends import select_kernel
@@ -39,8 +40,11 @@ def _check_args(
         fail(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
     if bits not in PACKABLE_BITS:
         fail(f"bits must be one of {PACKABLE_BITS}, got {bits}")
-    if group_size < 8 or group_size & (group_size - 1) or in_features % group_size:
-        fail(f"group_size {group_size} must be a power of two >= 8 dividing in_features {in_features}")
+    if not MIN_GROUP_SIZE <= group_size <= MAX_GROUP_SIZE or group_size & (group_size - 1) or in_features % group_size:
+        fail(
+            f"group_size {group_size} must be a power of two from {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE} dividing "
+            f"in_features {in_features}"
+        )
     if out_features < 1:
         fail(f"out_features must be positive, got {out_features}")
     nnz = col_indices.shape[0] if col_indices.dim() == 1 else -1

@@ -1,0 +1,86 @@
+"""Sequential block-by-block calibration: capture each block's inputs, compress it, feed its outputs on.
+
+One explicit loop over decoder blocks. For block b: run it on the current inputs (the outputs of the already
+compressed blocks b-1, ..., 0) while hooks accumulate H = 2/n X^T X for each group of linear layers that read
+the same input; compress those layers; run the compressed block to produce the next block's inputs. Memory
+holds one block plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gqsa.algorithms.hessian import HessianAccumulator
+from gqsa.models.adapter import block_linears, block_prefix, capture_block_inputs, decoder_layers, input_groups
+
+logger = logging.getLogger(__name__)
+
+# (full layer name, nn.Linear, H of its input) -> replacement module and a report dict
+CompressLinearFn = Callable[[str, nn.Linear, HessianAccumulator], tuple[nn.Module, dict]]
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_calibration_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """First-block inputs of every calibration window (one (1, L, D) tensor each) and the per-block kwargs."""
+    hidden, block_kwargs = [], None
+    for i in range(calib_ids.shape[0]):
+        h, kw = capture_block_inputs(model, calib_ids[i : i + 1])
+        hidden.append(h)
+        block_kwargs = block_kwargs or kw  # identical for every window of the same length
+    return hidden, block_kwargs
+
+
+@torch.no_grad()
+def compress_blockwise(
+    model: nn.Module, calib_ids: torch.Tensor, compress_linear: CompressLinearFn, progress: bool = True
+) -> list[dict]:
+    """Compress every decoder linear layer block by block with calibration inputs.
+
+    Args:
+        model: a supported causal LM (modified in place).
+        calib_ids: (n, L) calibration token windows.
+        compress_linear: compresses one layer given its input statistics; returns (new module, report).
+        progress: show a progress bar over blocks.
+
+    Returns:
+        One report dict per compressed layer, in order.
+    """
+    from gqsa.models.compressed import set_submodule
+
+    hidden, block_kwargs = capture_calibration_inputs(model, calib_ids)
+    reports = []
+    blocks = decoder_layers(model)
+    for b, block in enumerate(tqdm(blocks, desc="compressing blocks", disable=not progress)):
+        prefix = block_prefix(model, b)
+        linears = block_linears(block)
+        stats: dict[str, HessianAccumulator] = {}
+        hooks = []
+        for group in input_groups(block):
+            first = linears[group[0]]
+            acc = HessianAccumulator(first.in_features, device=first.weight.device)
+            for name in group:
+                stats[name] = acc
+            hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
+        try:
+            for h in hidden:
+                block(h, **block_kwargs[b])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, linear in linears.items():
+            full = f"{prefix}.{name}"
+            module, report = compress_linear(full, linear, stats[name])
+            logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
+            reports.append(report)
+            set_submodule(block, name, module)
+        hidden = [_block_output(block(h, **block_kwargs[b])) for h in hidden]
+    return reports
