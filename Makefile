@@ -23,7 +23,9 @@ install: $(VENV)/.installed
 demo: install
 	@echo "== gqsa demo: compress SmolLM2-135M-Instruct ($(DEMO_PRESET)), measure, save, reload, generate =="
 	time $(VENV)/bin/gqsa compress --preset $(DEMO_PRESET) --out $(DEMO_OUT) --overwrite \
-		--eval --eval-dataset wiki --eval-seq-len 2048 --eval-max-tokens 16384
+		--calib-dataset wiki --calib-samples 32 --seq-len 512 \
+		--eval --eval-dataset wiki --eval-seq-len 2048 --eval-max-tokens 16384 \
+		--sample-prompt "What is the capital of France?"
 	$(VENV)/bin/gqsa info $(DEMO_OUT)
 	$(VENV)/bin/gqsa generate $(DEMO_OUT) --prompt "What is the capital of France?" --max-new-tokens 40
 
