@@ -77,43 +77,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _override(spec, **values):
+    """``spec`` with the fields given on the command line (not None) replaced, validated again."""
+    return spec.replace(**{k: v for k, v in values.items() if v is not None})
+
+
 def _resolve_compress_config(args):
     from gqsa.config import preset
 
     cfg = preset(args.preset)
-    quant, sparsity = cfg.quant, cfg.sparsity
-    quant = quant.replace(
-        **{
-            k: v
-            for k, v in {
-                "bits": args.bits,
-                "group_size": args.group_size,
-                "qparam_method": args.qparams,
-                "symmetric": True if args.symmetric else None,
-            }.items()
-            if v is not None
-        }
+    return cfg.replace(
+        method=args.method or cfg.method,
+        quant=_override(cfg.quant, bits=args.bits, group_size=args.group_size, qparam_method=args.qparams,
+                        symmetric=True if args.symmetric else None),
+        sparsity=_override(cfg.sparsity, ratio=args.sparsity, allocation=args.allocation),
+        calib=_override(cfg.calib, dataset=args.calib_dataset, samples=args.calib_samples, seq_len=args.seq_len,
+                        seed=args.seed),
+        oneshot=_override(cfg.oneshot, saliency=args.saliency, damp=args.damp),
     )
-    sparsity = sparsity.replace(
-        **{k: v for k, v in {"ratio": args.sparsity, "allocation": args.allocation}.items() if v is not None}
-    )
-    calib = cfg.calib.replace(
-        **{
-            k: v
-            for k, v in {
-                "dataset": args.calib_dataset,
-                "samples": args.calib_samples,
-                "seq_len": args.seq_len,
-                "seed": args.seed,
-            }.items()
-            if v is not None
-        }
-    )
-    oneshot = cfg.oneshot.replace(
-        **{k: v for k, v in {"saliency": args.saliency, "damp": args.damp}.items() if v is not None}
-    )
-    return cfg.replace(method=args.method or cfg.method, quant=quant, sparsity=sparsity, calib=calib,
-                       oneshot=oneshot)
 
 
 def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
