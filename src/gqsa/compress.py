@@ -73,10 +73,11 @@ def _packed_module(linear: nn.Linear, packed: PackedWeight) -> GQSALinear:
     return GQSALinear.from_packed(packed.to(linear.weight.device), bias)
 
 
-def _compress_magnitude(model: nn.Module, config: CompressConfig, progress: bool) -> list[dict]:
+def _compress_magnitude(
+    model: nn.Module, linears: dict[str, nn.Linear], config: CompressConfig, progress: bool
+) -> list[dict]:
     from gqsa.algorithms.magnitude import magnitude_pack
 
-    linears = compressible_linears(model)
     packed = magnitude_pack(linears, config)
     reports = []
     for name in tqdm(linears, desc="packing layers", disable=not progress):
@@ -121,9 +122,10 @@ def compress_model(
         ValueError: a layer the config does not fit, or a calibrated method without calibration windows.
     """
     start = time.perf_counter()
-    check_layers(compressible_linears(model), config)
+    linears = compressible_linears(model)
+    check_layers(linears, config)
     if config.method == "magnitude":
-        layers = _compress_magnitude(model, config, progress)
+        layers = _compress_magnitude(model, linears, config, progress)
     elif config.method == "gqsa":
         if calib_ids is None:
             raise ValueError("method 'gqsa' needs calibration windows (calib_ids); see gqsa.compress.calibration_ids")

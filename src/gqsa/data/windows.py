@@ -126,12 +126,17 @@ def calibration_windows(tokens: torch.Tensor, n_windows: int, seq_len: int, seed
     return tokens.to(torch.long)[index.to(tokens.device)]  # (n_windows, seq_len)
 
 
-def _check_tokens(tokens: torch.Tensor) -> None:
-    """Raise ValueError unless ``tokens`` is a 1-D integer tensor."""
+def check_token_ids(t, dim: int, name: str, what: str) -> None:
+    """Raise ValueError unless ``t`` is a ``dim``-D integer tensor; ``what`` describes the expected shape."""
     import torch
 
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens must be a 1-D tensor of token ids, got {shape}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    if not isinstance(t, torch.Tensor) or t.dim() != dim:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {what}, got {shape}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    """Raise ValueError unless ``tokens`` is a 1-D integer tensor."""
+    check_token_ids(tokens, 1, "tokens", "1-D tensor of token ids")

@@ -149,13 +149,9 @@ def _window_nll_sum(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _check_windows(windows: torch.Tensor) -> None:
     """Raise ValueError unless ``windows`` is a non-empty (n, seq_len >= 2) integer tensor."""
-    import torch
+    from gqsa.data.windows import check_token_ids
 
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
-        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
-        raise ValueError(f"windows must be a 2-D tensor of token ids (n, seq_len), got {shape}")
-    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
-        raise ValueError(f"windows must have an integer dtype, got {windows.dtype}")
+    check_token_ids(windows, 2, "windows", "2-D tensor of token ids (n, seq_len)")
     if windows.shape[0] == 0:
         raise ValueError("windows is empty: there is nothing to score")
     if windows.shape[1] < 2:

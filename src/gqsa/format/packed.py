@@ -52,6 +52,12 @@ def col_indices_dtype(num_groups: int) -> torch.dtype:
     return torch.int16 if num_groups <= INT16_MAX_GROUPS else torch.int32
 
 
+def row_indices(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Row of each stored entry: (N + 1,) row pointers -> (nnz,) int64."""
+    counts = (crow_indices[1:] - crow_indices[:-1]).long()  # (N,)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow_indices.device), counts, output_size=nnz)
+
+
 def dequantize_bsr(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
@@ -77,9 +83,7 @@ def dequantize_bsr(
     else:
         zero = unpack_bits_padded(zero_point, bits, nnz).float()  # (nnz,)
     kept = (codes.float() - zero[:, None]) * scale.float()[:, None]  # (nnz, g)
-    rows = torch.repeat_interleave(
-        torch.arange(n, device=device), (crow_indices[1:] - crow_indices[:-1]).long(), output_size=nnz
-    )  # (nnz,)
+    rows = row_indices(crow_indices, nnz)  # (nnz,)
     dense = torch.zeros(n, g_count, group_size, device=device, dtype=torch.float32)
     dense[rows, col_indices.long()] = kept
     return dense.reshape(n, in_features).to(dtype)
@@ -216,9 +220,7 @@ class PackedWeight:
     def unpack(self) -> UnpackedWeight:
         """Per-group codes, scales, zero points and mask; exact inverse of ``pack`` on kept groups."""
         n, g_count, device = self.out_features, self.num_groups, self.values.device
-        rows = torch.repeat_interleave(
-            torch.arange(n, device=device), (self.crow_indices[1:] - self.crow_indices[:-1]).long()
-        )
+        rows = row_indices(self.crow_indices, self.nnz)  # (nnz,)
         cols = self.col_indices.long()
         codes = torch.zeros(n, g_count, self.group_size, dtype=torch.uint8, device=device)
         codes[rows, cols] = unpack_bits(self.values, self.bits, self.group_size)
