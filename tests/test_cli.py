@@ -95,7 +95,7 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
     assert code == 0, err
     cfg = json.loads((out_dir / "compress_config.json").read_text())
     assert cfg["quant"] == {"bits": 3, "group_size": 32, "symmetric": True, "qparam_method": "mse"}
-    assert cfg["sparsity"] == {"ratio": 0.25, "allocation": "matrix"}
+    assert cfg["sparsity"] == {"ratio": 0.25, "allocation": "matrix", "pattern": "group", "model_spread": 0.1}
     assert cfg["oneshot"]["saliency"] == "wanda" and cfg["oneshot"]["damp"] == 0.05
     assert cfg["calib"] == {"dataset": str(text_file), "samples": 4, "seq_len": 32, "seed": 7}
     layer = json.loads((out_dir / "gqsa_config.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
@@ -110,7 +110,10 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
         (("--sparsity", 1.0), "ratio must be in"),
         (("--bits", 5), "bits must be one of"),
         (("--preset", "w9s99"), "unknown preset"),
-        (("--allocation", "model"), "allocation 'model' is not supported by method 'gqsa'"),
+        (("--pattern", "2:4"), "method 'gqsa' prunes whole groups"),
+        (("--preset", "2of4-sparsegpt", "--bits", "4"), "leaves the kept weights in float; --bits"),
+        (("--preset", "s50-wanda", "--pattern", "3:4", "--sparsity", "0.5"), "ratio must be 0.25"),
+        (("--activation-budget-mb", "-1"), "--activation-budget-mb must be >= 0"),
         (("--calib-samples", 0), "samples must be a positive integer"),
     ],
 )

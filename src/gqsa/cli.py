@@ -35,8 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=COMPRESS_METHODS, help="override the preset's method")
     c.add_argument("--bits", type=int, help="override: code width (2, 3, 4, 8)")
     c.add_argument("--group-size", type=int, help="override: columns per group (power of two, 8..256)")
-    c.add_argument("--sparsity", type=float, help="override: fraction of groups pruned, in [0, 1)")
+    c.add_argument("--sparsity", type=float, help="override: fraction of groups (or weights) pruned, in [0, 1)")
     c.add_argument("--allocation", choices=ALLOCATIONS, help="override: sparsity allocation")
+    c.add_argument("--pattern", help="override: 'group' (packed GQSA), 'unstructured' or 'N:M' such as '2:4' "
+                                     "(float baselines)")
     c.add_argument("--symmetric", action="store_true", help="symmetric quantization (no stored zero point)")
     c.add_argument("--qparams", choices=QPARAM_METHODS, help="override: how scales/zero points are chosen")
     c.add_argument("--saliency", choices=SALIENCIES, help="override: group importance of method gqsa")
@@ -45,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
     c.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, help="seed of the calibration window sampler (default 0)")
+    c.add_argument("--activation-budget-mb", type=int, default=None,
+                   help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
+    c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--eval", action="store_true", help="measure held-out perplexity before and after")
     _add_ppl_args(c, prefix="eval-")
@@ -83,18 +88,47 @@ def _override(spec, **values):
 
 
 def _resolve_compress_config(args):
-    from gqsa.config import preset
+    from gqsa.config import QuantSpec, preset
 
     cfg = preset(args.preset)
+    ratio = args.sparsity
+    if args.pattern is not None and ratio is None:
+        parts = args.pattern.split(":")
+        if len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[1]) > 0:
+            ratio = 1 - int(parts[0]) / int(parts[1])  # an N:M pattern fixes the ratio
+    sparsity = _override(cfg.sparsity, ratio=ratio, allocation=args.allocation, pattern=args.pattern)
+    quant_flags = {"bits": args.bits, "group_size": args.group_size, "qparam_method": args.qparams,
+                   "symmetric": True if args.symmetric else None}
+    if sparsity.pattern == "group":
+        quant = _override(cfg.quant or QuantSpec(), **quant_flags)
+    else:
+        given = sorted(f"--{k.replace('_', '-')}" for k, v in quant_flags.items() if v is not None)
+        if given:
+            raise ValueError(f"pattern {sparsity.pattern!r} leaves the kept weights in float; {', '.join(given)} "
+                             "do(es) not apply")
+        quant = None
     return cfg.replace(
         method=args.method or cfg.method,
-        quant=_override(cfg.quant, bits=args.bits, group_size=args.group_size, qparam_method=args.qparams,
-                        symmetric=True if args.symmetric else None),
-        sparsity=_override(cfg.sparsity, ratio=args.sparsity, allocation=args.allocation),
+        quant=quant,
+        sparsity=sparsity,
         calib=_override(cfg.calib, dataset=args.calib_dataset, samples=args.calib_samples, seq_len=args.seq_len,
                         seed=args.seed),
         oneshot=_override(cfg.oneshot, saliency=args.saliency, damp=args.damp),
     )
+
+
+def _activation_budget_bytes(mb: int | None) -> int:
+    """``mb`` MiB, or a quarter of the machine's physical memory when not given."""
+    import os
+
+    if mb is not None:
+        if mb < 0:
+            raise ValueError(f"--activation-budget-mb must be >= 0, got {mb}")
+        return mb * 2**20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
 
 
 def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
@@ -140,7 +174,7 @@ def _mb(n: float) -> str:
 def cmd_compress(args) -> int:
     import gqsa
     from gqsa.compress import calibration_ids, compress_model
-    from gqsa.models.compressed import model_summary
+    from gqsa.models.compressed import model_summary, save_pruned
     from gqsa.models.loading import load_model
     from gqsa.utils.io import atomic_write_text
 
@@ -154,15 +188,22 @@ def cmd_compress(args) -> int:
     report = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
     if args.eval:
         report["ppl_before"] = _ppl(model, tokenizer, args, prefix="eval_")
-    calib_ids = calibration_ids(tokenizer, config) if config.method == "gqsa" else None
-    report.update(compress_model(model, config, calib_ids=calib_ids))
+    calib_ids = calibration_ids(tokenizer, config) if config.method != "magnitude" else None
+    budget = _activation_budget_bytes(args.activation_budget_mb)
+    report["activation_budget_bytes"] = budget
+    report.update(compress_model(model, config, calib_ids=calib_ids, activation_budget_bytes=budget,
+                                 offload_dir=args.offload_dir))
     if args.eval:
         report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
     if args.sample_prompt:
         report["sample"] = {"prompt": args.sample_prompt,
                             "completion": _generate(model, tokenizer, args.sample_prompt, 48)}
     report["dense_model_bytes"] = dense
-    gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
+    packed = config.sparsity.pattern == "group"
+    if packed:
+        gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
+    else:
+        save_pruned(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(out / "compress_config.json", config.to_json() + "\n")
     if args.json:
@@ -171,12 +212,18 @@ def cmd_compress(args) -> int:
     s = report["summary"]
     q, sp = config.quant, config.sparsity
     print(f"compressed {report['model']} -> {out}")
-    print(f"  method {config.method}: W{q.bits} group {q.group_size} {'sym' if q.symmetric else 'asym'}, "
-          f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
-    print(f"  {s['num_layers']} linear layers: {s['bits_per_weight']:.3f} bits per weight (all metadata counted), "
-          f"{s['sparsity']:.1%} groups pruned")
-    print(f"  model tensors: {_mb(dense)} dense fp32 -> {_mb(s['model_bytes'])} "
-          f"(linear layers {_mb(s['weights_in_packed_layers'] * 4)} -> {_mb(s['packed_bytes'])})")
+    if packed:
+        print(f"  method {config.method}: W{q.bits} group {q.group_size} {'sym' if q.symmetric else 'asym'}, "
+              f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
+        print(f"  {s['num_layers']} linear layers: {s['bits_per_weight']:.3f} bits per weight (all metadata "
+              f"counted), {s['sparsity']:.1%} groups pruned")
+        print(f"  model tensors: {_mb(dense)} dense fp32 -> {_mb(s['model_bytes'])} "
+              f"(linear layers {_mb(s['weights_in_packed_layers'] * 4)} -> {_mb(s['packed_bytes'])})")
+    else:
+        print(f"  method {config.method}: {sp.pattern} sparsity {sp.ratio:.0%}, kept weights in float "
+              f"(saved as a plain transformers checkpoint with zeros)")
+        print(f"  {s['num_layers']} linear layers: {s['sparsity']:.1%} of weights pruned, "
+              f"{s['bits_per_weight']:.3f} bits per weight in an fp16 sparse format (docs/FORMAT.md)")
     if args.eval:
         b, a = report["ppl_before"], report["ppl_after"]
         print(f"  perplexity on held-out {a['dataset']} ({a['tokens']} tokens, windows of {a['seq_len']}): "

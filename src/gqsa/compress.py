@@ -1,7 +1,9 @@
 """The compression pipeline: one call per stage, in order.
 
-    model -> check every layer fits the config -> [calibration windows] -> choose masks and quantize (the
-    method; "gqsa" goes block by block) -> swap in GQSALinear -> report (per-layer errors, sparsity, bits per
+    model -> check every layer fits the config -> [calibration windows] -> [allocation "model": a dense pass
+    measures each layer's sensitivity and sets its share of the pruning] -> choose masks and quantize (the
+    method; calibrated methods go block by block) -> swap in GQSALinear (group pattern) or leave the pruned
+    float weights in place (unstructured / N:M baselines) -> report (per-layer errors, sparsity, bits per
     weight, time, memory)
 """
 
@@ -16,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqsa.config import CompressConfig
+from gqsa.format.float_sparse import float_sparse_bits_per_weight
 from gqsa.format.packed import PackedWeight
 from gqsa.models.adapter import compressible_linears
 from gqsa.models.compressed import model_summary, set_submodule
@@ -25,9 +28,14 @@ logger = logging.getLogger(__name__)
 
 
 def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
-    """Raise ValueError naming the first layer whose in_features the group size does not divide."""
+    """Raise ValueError naming the first layer whose in_features the group size (or M of N:M) does not divide."""
+    nm = config.sparsity.nm
     for name, m in linears.items():
-        config.quant.check_in_features(m.in_features, layer=name)
+        if config.quant is not None:
+            config.quant.check_in_features(m.in_features, layer=name)
+        if nm is not None and m.in_features % nm[1]:
+            raise ValueError(f"{name}: pattern {config.sparsity.pattern} needs in_features divisible by {nm[1]}, "
+                             f"got {m.in_features}")
 
 
 def peak_rss_mb() -> float:
@@ -35,26 +43,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def layer_report(name: str, weight: torch.Tensor, packed: PackedWeight, hessian: torch.Tensor | None = None) -> dict:
-    """Errors and storage of one compressed layer.
+def error_report(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None) -> dict:
+    """How far ``approx`` is from ``weight``, both (N, K).
 
     ``relative_error`` is ||W - Wq||_F / ||W||_F; with calibration statistics H, ``output_error`` is the relative
-    error of the layer's output on the calibration inputs, tr(D H D^T) / tr(W H W^T) with D = W - Wq.
+    error of the layer's output on the calibration inputs, tr(D H D^T) / tr(W H W^T) with D = Wq - W.
     """
     w = weight.detach().float()
-    diff = packed.dequantize().to(w.device) - w
-    report = {
-        "layer": name,
-        "shape": [packed.out_features, packed.in_features],
-        "relative_error": float(diff.norm() / w.norm().clamp_min(1e-12)),
-        "sparsity": packed.sparsity,
-        "bits_per_weight": packed.bits_per_weight(),
-    }
+    diff = approx.detach().float().to(w.device) - w
+    report = {"relative_error": float(diff.norm() / w.norm().clamp_min(1e-12))}
     if hessian is not None:
         num = ((diff @ hessian) * diff).sum()
         den = ((w @ hessian) * w).sum().clamp_min(1e-12)
         report["output_error"] = float(num / den)
     return report
+
+
+def layer_report(name: str, weight: torch.Tensor, packed: PackedWeight, hessian: torch.Tensor | None = None) -> dict:
+    """Errors (``error_report``) and storage of one layer compressed into the packed format."""
+    return {
+        "layer": name,
+        "shape": [packed.out_features, packed.in_features],
+        **error_report(weight, packed.dequantize(), hessian),
+        "sparsity": packed.sparsity,
+        "bits_per_weight": packed.bits_per_weight(),
+    }
+
+
+def float_layer_report(
+    name: str, weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, pattern: str,
+    hessian: torch.Tensor | None = None,
+) -> dict:
+    """Errors and storage (``float_sparse_bits_per_weight``) of one layer pruned in float."""
+    density = float(mask.float().mean())
+    return {
+        "layer": name,
+        "shape": list(weight.shape),
+        **error_report(weight, pruned, hessian),
+        "sparsity": 1.0 - density,
+        "bits_per_weight": float_sparse_bits_per_weight(density, pattern),
+    }
 
 
 def calibration_ids(tokenizer, config: CompressConfig) -> torch.Tensor:
@@ -73,50 +101,146 @@ def _packed_module(linear: nn.Linear, packed: PackedWeight) -> GQSALinear:
     return GQSALinear.from_packed(packed.to(linear.weight.device), bias)
 
 
-def _compress_magnitude(
+def _pruned_in_place(linear: nn.Linear, pruned: torch.Tensor) -> nn.Linear:
+    linear.weight.data.copy_(pruned.to(linear.weight.dtype))
+    return linear
+
+
+def _compress_data_free(
     model: nn.Module, linears: dict[str, nn.Linear], config: CompressConfig, progress: bool
 ) -> list[dict]:
+    """Method "magnitude": group pattern -> packed layers; unstructured / N:M -> layers pruned in float."""
+    from gqsa.algorithms.float_sparse import magnitude_prune
     from gqsa.algorithms.magnitude import magnitude_pack
 
-    packed = magnitude_pack(linears, config)
+    sp = config.sparsity
     reports = []
+    if sp.pattern != "group":
+        if sp.allocation == "model":
+            raise ValueError("magnitude pruning of single weights supports allocation 'row' or 'matrix', not 'model'")
+        for name in tqdm(linears, desc="pruning layers", disable=not progress):
+            w = linears[name].weight.detach().clone()
+            pruned, mask = magnitude_prune(w, sp.ratio, sp.nm, sp.allocation)
+            _pruned_in_place(linears[name], pruned)
+            reports.append(float_layer_report(name, w, pruned, mask, sp.pattern))
+        return reports
+    packed = magnitude_pack(linears, config)
     for name in tqdm(linears, desc="packing layers", disable=not progress):
         reports.append(layer_report(name, linears[name].weight, packed[name]))
         set_submodule(model, name, _packed_module(linears[name], packed[name]))
     return reports
 
 
-def _compress_gqsa(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool) -> list[dict]:
-    from gqsa.algorithms.blockwise import compress_blockwise
+def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | None = None):
+    """The per-layer step of a calibrated method: (name, nn.Linear, H statistics) -> (module, report).
+
+    ``prune_counts`` (allocation "model") gives each layer's number of pruned groups; the groups are then chosen
+    over the whole matrix.
+    """
+    from gqsa.algorithms.float_sparse import sparsegpt_prune, wanda_prune
     from gqsa.algorithms.hessian import damped_inverse_cholesky
     from gqsa.algorithms.oneshot import gqsa_oneshot_linear
 
     q, sp, os_ = config.quant, config.sparsity, config.oneshot
 
-    def compress_linear(name, linear, stats):
+    def gqsa_layer(name, linear, stats):
+        ratio, allocation = sp.ratio, sp.allocation
+        if prune_counts is not None:
+            groups = linear.out_features * (linear.in_features // q.group_size)
+            ratio, allocation = prune_counts[name] / groups, "matrix"
         hinv, hinv_chol, _ = damped_inverse_cholesky(stats.hessian, os_.damp, layer=name)
         packed = gqsa_oneshot_linear(
-            linear.weight, stats.hessian, hinv, hinv_chol, q.bits, q.group_size, sp.ratio, sp.allocation,
+            linear.weight, stats.hessian, hinv, hinv_chol, q.bits, q.group_size, ratio, allocation,
             os_.saliency, q.symmetric, q.qparam_method, os_.block_size,
         )
         return _packed_module(linear, packed), layer_report(name, linear.weight, packed, stats.hessian)
 
-    return compress_blockwise(model, calib_ids, compress_linear, progress=progress)
+    def float_layer(name, linear, stats):
+        w = linear.weight.detach().clone()
+        if config.method == "sparsegpt":
+            _, hinv_chol, _ = damped_inverse_cholesky(stats.hessian, os_.damp, layer=name)
+            pruned, mask = sparsegpt_prune(w, hinv_chol, sp.ratio, sp.nm, sp.allocation, os_.block_size)
+        else:
+            pruned, mask = wanda_prune(w, stats.hessian, sp.ratio, sp.nm, sp.allocation)
+        report = float_layer_report(name, w, pruned, mask, sp.pattern, stats.hessian)
+        return _pruned_in_place(linear, pruned), report
+
+    return gqsa_layer if config.method == "gqsa" else float_layer
+
+
+def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool = True,
+                        **store) -> dict:
+    """Per layer, the sorted normalised group saliencies of the dense model (``SensitivityCurve``).
+
+    One block-by-block calibration pass that leaves the model unchanged.
+    """
+    from gqsa.algorithms.allocation import SensitivityCurve
+    from gqsa.algorithms.blockwise import compress_blockwise
+    from gqsa.algorithms.hessian import damped_inverse_cholesky
+    from gqsa.quant.saliency import group_saliency
+
+    curves = {}
+
+    def measure(name, linear, stats):
+        h = stats.hessian
+        hinv, _, _ = damped_inverse_cholesky(h, config.oneshot.damp, layer=name)
+        w = linear.weight.detach().float()
+        scores = group_saliency(config.oneshot.saliency, w, h, hinv, config.quant.group_size)
+        curves[name] = SensitivityCurve.from_scores(scores, float(((w @ h) * w).sum()))
+        return linear, {"layer": name}
+
+    compress_blockwise(model, calib_ids, measure, progress=progress, desc="measuring sensitivity", **store)
+    return curves
+
+
+def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool,
+                         store: dict) -> tuple[list[dict], dict | None]:
+    from gqsa.algorithms.allocation import allocate_counts
+    from gqsa.algorithms.blockwise import compress_blockwise
+
+    counts = None
+    if config.sparsity.allocation == "model":
+        curves = measure_sensitivity(model, config, calib_ids, progress, **store)
+        counts = allocate_counts(curves, config.sparsity.ratio, config.sparsity.model_spread)
+    layers = compress_blockwise(model, calib_ids, _layer_compressor(config, counts), progress=progress, **store)
+    return layers, counts
+
+
+def float_sparse_summary(model: nn.Module, layers: list[dict]) -> dict:
+    """Totals over layers pruned in float (the counterpart of ``model_summary`` for packed layers)."""
+    weights = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    summary = model_summary(model)
+    return {
+        "num_layers": len(layers),
+        "weights_in_pruned_layers": weights,
+        "bits_per_weight": sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in layers) / weights,
+        "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers) / weights,
+        "model_bytes": summary["model_bytes"],
+    }
 
 
 def compress_model(
-    model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor | None = None, progress: bool = True
+    model: nn.Module,
+    config: CompressConfig,
+    calib_ids: torch.Tensor | None = None,
+    progress: bool = True,
+    activation_budget_bytes: int | None = None,
+    offload_dir: str | None = None,
 ) -> dict:
     """Compress every decoder linear layer of ``model`` in place.
 
     Args:
         model: a supported transformers causal LM (see gqsa.models.adapter).
         config: the resolved CompressConfig.
-        calib_ids: (samples, seq_len) calibration token windows (``calibration_ids``); needed by method "gqsa".
+        calib_ids: (samples, seq_len) calibration token windows (``calibration_ids``); needed by every method
+            but "magnitude".
         progress: show progress bars.
+        activation_budget_bytes: memory for calibration activations; the rest goes to ``offload_dir`` (default:
+            the system temporary directory). None = no limit.
 
     Returns:
-        A report: the config, per-layer results, model summary, wall time and peak memory.
+        A report: the config, per-layer results, model summary, wall time and peak memory (and, with allocation
+        "model", the groups pruned per layer).
 
     Raises:
         ValueError: a layer the config does not fit, or a calibrated method without calibration windows.
@@ -124,18 +248,23 @@ def compress_model(
     start = time.perf_counter()
     linears = compressible_linears(model)
     check_layers(linears, config)
+    counts = None
     if config.method == "magnitude":
-        layers = _compress_magnitude(model, linears, config, progress)
-    elif config.method == "gqsa":
+        layers = _compress_data_free(model, linears, config, progress)
+    else:
         if calib_ids is None:
-            raise ValueError("method 'gqsa' needs calibration windows (calib_ids); see gqsa.compress.calibration_ids")
-        layers = _compress_gqsa(model, config, calib_ids, progress)
-    else:  # CompressConfig validates the method; this guards a method added there but not here
-        raise ValueError(f"compression method {config.method!r} is not implemented")
-    return {
+            raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
+                             "see gqsa.compress.calibration_ids")
+        store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
+        layers, counts = _compress_calibrated(model, config, calib_ids, progress, store)
+    packed = config.sparsity.pattern == "group"
+    report = {
         "config": config.to_dict(),
         "layers": layers,
-        "summary": model_summary(model),
+        "summary": model_summary(model) if packed else float_sparse_summary(model, layers),
         "wall_time_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if counts is not None:
+        report["groups_pruned_per_layer"] = counts
+    return report

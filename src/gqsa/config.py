@@ -21,7 +21,9 @@ MIN_GROUP_SIZE = 8
 MAX_GROUP_SIZE = 256
 QPARAM_METHODS = ("minmax", "mse")
 ALLOCATIONS = ("row", "matrix", "model")
-COMPRESS_METHODS = ("magnitude", "gqsa")
+COMPRESS_METHODS = ("gqsa", "magnitude", "sparsegpt", "wanda")
+# Methods that only prune (unstructured or N:M) and leave the kept weights in float.
+FLOAT_SPARSE_METHODS = ("sparsegpt", "wanda")
 SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")
 
 
@@ -126,13 +128,20 @@ class SparsitySpec(_Config):
     """How many groups are pruned and how the budget is allocated.
 
     Attributes:
-        ratio: fraction of groups pruned, in [0, 1).
-        allocation: "row" (every row keeps the same number of groups), "matrix" (the ratio holds per matrix,
-            rows may differ), or "model" (the ratio holds over all compressed layers together).
+        ratio: fraction pruned, in [0, 1): of groups (pattern "group") or of single weights.
+        allocation: "row" (every row keeps the same number), "matrix" (the ratio holds per matrix, rows may
+            differ), or "model" (the ratio holds over all compressed layers together, each layer's share set by
+            its measured sensitivity).
+        pattern: "group" (whole groups of ``group_size`` columns, the GQSA format), "unstructured" (single
+            weights, left in float) or "N:M" such as "2:4" (at most N non-zeros in every M consecutive input
+            columns, left in float; ``ratio`` must be 1 - N/M).
+        model_spread: with allocation "model", how far a layer's ratio may move from ``ratio`` (both ways).
     """
 
     ratio: float = 0.5
     allocation: str = "row"
+    pattern: str = "group"
+    model_spread: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -142,6 +151,37 @@ class SparsitySpec(_Config):
         object.__setattr__(self, "ratio", float(self.ratio))
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"SparsitySpec.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not isinstance(self.pattern, str) or (self.pattern not in ("group", "unstructured") and not self.nm):
+            raise ValueError(
+                f"SparsitySpec.pattern must be 'group', 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), "
+                f"got {self.pattern!r}"
+            )
+        if self.nm:
+            n, m = self.nm
+            if abs(self.ratio - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"SparsitySpec: pattern {self.pattern!r} keeps {n} of every {m} weights, so ratio must be "
+                    f"{1 - n / m:g}, got {self.ratio:g}"
+                )
+            if self.allocation == "model":
+                raise ValueError(f"SparsitySpec: pattern {self.pattern!r} fixes every layer's ratio; "
+                                 "allocation 'model' does not apply")
+        if (
+            isinstance(self.model_spread, bool)
+            or not isinstance(self.model_spread, (int, float))
+            or not 0.0 <= float(self.model_spread) <= 1.0
+        ):
+            raise ValueError(f"SparsitySpec.model_spread must be in [0, 1], got {self.model_spread!r}")
+        object.__setattr__(self, "model_spread", float(self.model_spread))
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an "N:M" pattern, else None."""
+        parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None
+        n, m = int(parts[0]), int(parts[1])
+        return (n, m) if 0 < n < m else None
 
 
 @dataclass(frozen=True)
@@ -207,9 +247,12 @@ class CompressConfig(_Config):
 
     Attributes:
         method: compression algorithm: "gqsa" (calibrated: Hessian-aware group saliency, then pruning and
-            quantization with error compensation, block by block) or "magnitude" (data-free: prune the groups
-            with the smallest L2 norm, round the rest to nearest).
-        quant: the QuantSpec of every compressed layer.
+            quantization with error compensation, block by block), "magnitude" (data-free: prune the groups or
+            weights with the smallest magnitude, round the rest to nearest), and the float pruning baselines
+            "sparsegpt" (OBS pruning with compensation, adaptive mask per column block) and "wanda"
+            (|w| * ||x||, no weight update), both calibrated block by block.
+        quant: the QuantSpec of every compressed layer; None for patterns that leave weights in float
+            ("unstructured", "N:M"), and only then.
         sparsity: the SparsitySpec.
         calib: the CalibSpec (unused by data-free methods, recorded anyway).
         oneshot: the OneShotSpec of method "gqsa".
@@ -224,7 +267,7 @@ class CompressConfig(_Config):
     }
 
     method: str = "gqsa"
-    quant: QuantSpec = field(default_factory=QuantSpec)
+    quant: QuantSpec | None = field(default_factory=QuantSpec)
     sparsity: SparsitySpec = field(default_factory=SparsitySpec)
     calib: CalibSpec = field(default_factory=CalibSpec)
     oneshot: OneShotSpec = field(default_factory=OneShotSpec)
@@ -234,14 +277,31 @@ class CompressConfig(_Config):
         if self.method not in COMPRESS_METHODS:
             raise ValueError(f"CompressConfig.method must be one of {COMPRESS_METHODS}, got {self.method!r}")
         for name, cls in self._nested.items():
+            if name == "quant" and self.quant is None:
+                continue
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"CompressConfig.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
-        if self.method == "gqsa":
-            if self.sparsity.allocation == "model":
+        pattern = self.sparsity.pattern
+        if pattern == "group":
+            if self.method in FLOAT_SPARSE_METHODS:
                 raise ValueError(
-                    "CompressConfig: sparsity allocation 'model' is not supported by method 'gqsa' yet (blocks are "
-                    "compressed one at a time); use 'row' or 'matrix'"
+                    f"CompressConfig: method {self.method!r} prunes single weights (pattern 'unstructured' or "
+                    "'N:M'); for group sparsity use method 'gqsa' (saliency 'wanda' gives the Wanda score)"
                 )
+            if self.quant is None:
+                raise ValueError("CompressConfig: pattern 'group' quantizes the kept groups and needs a QuantSpec")
+        else:
+            if self.method == "gqsa":
+                raise ValueError(
+                    f"CompressConfig: method 'gqsa' prunes whole groups (pattern 'group'), got pattern {pattern!r}; "
+                    "use method 'sparsegpt', 'wanda' or 'magnitude' for unstructured or N:M sparsity"
+                )
+            if self.quant is not None:
+                raise ValueError(
+                    f"CompressConfig: pattern {pattern!r} leaves the kept weights in float; quant must be None"
+                )
+            if self.sparsity.allocation == "model" and self.method != "magnitude":
+                raise ValueError(f"CompressConfig: method {self.method!r} does not support allocation 'model'")
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"CompressConfig.version {self.version!r} is not supported by this gqsa (expects {CONFIG_VERSION})"
@@ -269,16 +329,29 @@ def _preset(method: str, bits: int, group_size: int, ratio: float) -> CompressCo
     )
 
 
-# Named settings: the paper's GQSA points (W4, group 16, S20..S60, calibrated), dense GPTQ-style baselines
-# (method "gqsa" at sparsity 0 is GPTQ with groups) and data-free round-to-nearest ("rtn-") and magnitude ones.
+def _float_sparse_preset(method: str, pattern: str, allocation: str) -> CompressConfig:
+    return CompressConfig(
+        method=method, quant=None, sparsity=SparsitySpec(ratio=0.5, pattern=pattern, allocation=allocation)
+    )
+
+
+_DENSE_QUANT = ((2, 64), (2, 128), (3, 64), (3, 128), (4, 64), (4, 128))
+
+# Named settings: the paper's GQSA points (W4, group 16, S20..S60, calibrated); dense GPTQ-style baselines
+# (method "gqsa" at sparsity 0 is GPTQ with groups); data-free round-to-nearest ("rtn-") and magnitude ones;
+# float pruning baselines at 2:4 and 50% unstructured (SparseGPT per column block over the whole matrix as in
+# its paper, Wanda per output row as in its paper, magnitude per matrix).
 PRESETS: dict[str, CompressConfig] = {
     **{f"w4s{r}": _preset("gqsa", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
     **{f"magnitude-w4s{r}": _preset("magnitude", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
-    "w2g64": _preset("gqsa", 2, 64, 0.0),
-    "w2g128": _preset("gqsa", 2, 128, 0.0),
-    "w3g128": _preset("gqsa", 3, 128, 0.0),
-    "w4g128": _preset("gqsa", 4, 128, 0.0),
-    **{f"rtn-w{b}g{g}": _preset("magnitude", b, g, 0.0) for b, g in ((2, 64), (2, 128), (3, 128), (4, 128))},
+    **{f"w{b}g{g}": _preset("gqsa", b, g, 0.0) for b, g in _DENSE_QUANT},
+    **{f"rtn-w{b}g{g}": _preset("magnitude", b, g, 0.0) for b, g in _DENSE_QUANT},
+    "2of4-sparsegpt": _float_sparse_preset("sparsegpt", "2:4", "matrix"),
+    "2of4-wanda": _float_sparse_preset("wanda", "2:4", "row"),
+    "2of4-magnitude": _float_sparse_preset("magnitude", "2:4", "row"),
+    "s50-sparsegpt": _float_sparse_preset("sparsegpt", "unstructured", "matrix"),
+    "s50-wanda": _float_sparse_preset("wanda", "unstructured", "row"),
+    "s50-magnitude": _float_sparse_preset("magnitude", "unstructured", "matrix"),
 }
 DEFAULT_PRESET = "w4s50"
 

@@ -174,7 +174,7 @@ def test_to_dict_is_plain_nested_json():
     assert d == {
         "method": "magnitude",
         "quant": {"bits": 3, "group_size": 64, "symmetric": True, "qparam_method": "mse"},
-        "sparsity": {"ratio": 0.375, "allocation": "matrix"},
+        "sparsity": {"ratio": 0.375, "allocation": "matrix", "pattern": "group", "model_spread": 0.1},
         "calib": {"dataset": "c4", "samples": 7, "seq_len": 333, "seed": -5},
         "oneshot": {"saliency": "obs", "damp": 0.01, "block_size": 128},
         "version": CONFIG_VERSION,
@@ -223,7 +223,7 @@ def test_version_mismatch_in_json_is_rejected():
         ('{"sparsity": {"ratio": 1.0}}', "SparsitySpec.ratio"),
         ('{"sparsity": {"allocation": "layer"}}', "SparsitySpec.allocation"),
         ('{"quant": [4, 16]}', "CompressConfig.quant"),
-        ('{"method": "sparsegpt"}', "CompressConfig.method"),
+        ('{"method": "gptq"}', "CompressConfig.method"),
     ],
 )
 def test_invalid_values_in_json_name_the_field(text, field):

@@ -3,7 +3,8 @@
 One explicit loop over decoder blocks. For block b: run it on the current inputs (the outputs of the already
 compressed blocks b-1, ..., 0) while hooks accumulate H = 2/n X^T X for each group of linear layers that read
 the same input; compress those layers; run the compressed block to produce the next block's inputs. Memory
-holds one block plus the calibration activations.
+holds one block plus the calibration activations, and the activations past a budget live on disk
+(``ActivationStore``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gqsa.algorithms.activations import ActivationStore
 from gqsa.algorithms.hessian import HessianAccumulator
 from gqsa.models.adapter import block_linears, block_prefix, capture_block_inputs, decoder_layers, input_groups
 
@@ -29,19 +31,28 @@ def _block_output(out):
 
 
 @torch.no_grad()
-def capture_calibration_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+def capture_calibration_inputs(
+    model: nn.Module, calib_ids: torch.Tensor, store: ActivationStore | None = None
+) -> tuple[ActivationStore, list[dict]]:
     """First-block inputs of every calibration window (one (1, L, D) tensor each) and the per-block kwargs."""
-    hidden, block_kwargs = [], None
+    store = ActivationStore() if store is None else store
+    block_kwargs = None
     for i in range(calib_ids.shape[0]):
         h, kw = capture_block_inputs(model, calib_ids[i : i + 1])
-        hidden.append(h)
+        store.append(h)
         block_kwargs = block_kwargs or kw  # identical for every window of the same length
-    return hidden, block_kwargs
+    return store, block_kwargs
 
 
 @torch.no_grad()
 def compress_blockwise(
-    model: nn.Module, calib_ids: torch.Tensor, compress_linear: CompressLinearFn, progress: bool = True
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    compress_linear: CompressLinearFn,
+    progress: bool = True,
+    activation_budget_bytes: int | None = None,
+    offload_dir: str | None = None,
+    desc: str = "compressing blocks",
 ) -> list[dict]:
     """Compress every decoder linear layer block by block with calibration inputs.
 
@@ -50,37 +61,56 @@ def compress_blockwise(
         calib_ids: (n, L) calibration token windows.
         compress_linear: compresses one layer given its input statistics; returns (new module, report).
         progress: show a progress bar over blocks.
+        activation_budget_bytes: memory for the activations of all windows (a block's inputs and outputs
+            together); beyond it they are written to ``offload_dir``. None = no limit.
+        offload_dir: where spilled activations go (default: the system temporary directory).
+        desc: progress bar label.
 
     Returns:
         One report dict per compressed layer, in order.
     """
     from gqsa.models.compressed import set_submodule
 
-    hidden, block_kwargs = capture_calibration_inputs(model, calib_ids)
+    half = None if activation_budget_bytes is None else activation_budget_bytes // 2
+
+    def new_store() -> ActivationStore:
+        return ActivationStore(half, offload_dir)
+
+    hidden, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store())
     reports = []
     blocks = decoder_layers(model)
-    for b, block in enumerate(tqdm(blocks, desc="compressing blocks", disable=not progress)):
-        prefix = block_prefix(model, b)
-        linears = block_linears(block)
-        stats: dict[str, HessianAccumulator] = {}
-        hooks = []
-        for group in input_groups(block):
-            first = linears[group[0]]
-            acc = HessianAccumulator(first.in_features, device=first.weight.device)
-            for name in group:
-                stats[name] = acc
-            hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
-        try:
+    try:
+        for b, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+            prefix = block_prefix(model, b)
+            linears = block_linears(block)
+            stats: dict[str, HessianAccumulator] = {}
+            hooks = []
+            for group in input_groups(block):
+                first = linears[group[0]]
+                acc = HessianAccumulator(first.in_features, device=first.weight.device)
+                for name in group:
+                    stats[name] = acc
+                hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
+            try:
+                for h in hidden:
+                    block(h, **block_kwargs[b])
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for name, linear in linears.items():
+                full = f"{prefix}.{name}"
+                module, report = compress_linear(full, linear, stats[name])
+                logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items()
+                                                      if isinstance(v, float)))
+                reports.append(report)
+                set_submodule(block, name, module)
+            outputs = new_store()
             for h in hidden:
-                block(h, **block_kwargs[b])
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for name, linear in linears.items():
-            full = f"{prefix}.{name}"
-            module, report = compress_linear(full, linear, stats[name])
-            logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
-            reports.append(report)
-            set_submodule(block, name, module)
-        hidden = [_block_output(block(h, **block_kwargs[b])) for h in hidden]
+                outputs.append(_block_output(block(h, **block_kwargs[b])))
+            if outputs.spilled:
+                logger.info("block %d: %d of %d activation windows on disk", b, outputs.spilled, len(outputs))
+            hidden.close()
+            hidden = outputs
+    finally:
+        hidden.close()
     return reports

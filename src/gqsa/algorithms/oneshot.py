@@ -1,9 +1,8 @@
 """GQSA one-shot: Hessian-aware group masks, then one column sweep that prunes, quantizes and compensates.
 
-The sweep follows SparseGPT/GPTQ: columns are processed left to right; each column's weights are replaced by
+The sweep (``gqsa.algorithms.sweep.obs_sweep``) follows SparseGPT/GPTQ: each column's weights are replaced by
 their compressed value (0 for pruned groups, the quantized value for kept ones), and the error, scaled by the
-inverse Hessian, is pushed onto the columns not yet processed. Updates are applied lazily in blocks of columns.
-Quantization parameters of a group are chosen when the sweep reaches the group's first column, from the
+inverse Hessian, is pushed onto the columns not yet processed. Quantization parameters of a group are chosen when the sweep reaches the group's first column, from the
 weights as updated so far, so they fit what is really quantized.
 """
 
@@ -11,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gqsa.algorithms.sweep import obs_sweep
 from gqsa.format.packed import PackedWeight
 from gqsa.quant.groups import to_groups
 from gqsa.quant.masks import select_groups
@@ -46,29 +46,21 @@ def compensated_prune_quantize(
     block_size = max(block_size, g)
     if block_size % g:
         raise ValueError(f"block_size {block_size} must be a multiple of group_size {g}")
-    w = weight.detach().clone().float()
-    keep = mask.repeat_interleave(g, dim=1).float()  # (N, K)
-    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
-    scale = torch.ones(n, k // g, device=w.device)
-    zero = torch.full((n, k // g), float(symmetric_zero_point(bits)), device=w.device)
-    for b0 in range(0, k, block_size):
-        b1 = min(b0 + block_size, k)
-        w1 = w[:, b0:b1].clone()  # (N, B)
-        err1 = torch.zeros_like(w1)
-        u1 = hinv_chol[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = b0 + i
-            grp = col // g
-            if col % g == 0:
-                s, z = group_qparams(w1[:, i : i + g].unsqueeze(1), bits, symmetric, qparam_method)  # (N, 1)
-                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
-            c = quantize(w1[:, i : i + 1], scale[:, grp], zero[:, grp], bits)  # (N, 1)
-            q = dequantize(c, scale[:, grp], zero[:, grp])[:, 0] * keep[:, col]  # (N,)
-            codes[:, col] = c[:, 0]
-            e = (w1[:, i] - q) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, b1:] -= err1 @ hinv_chol[b0:b1, b1:]
+    keep = mask.float()  # (N, G)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
+    scale = torch.ones(n, k // g, device=weight.device)
+    zero = torch.full((n, k // g), float(symmetric_zero_point(bits)), device=weight.device)
+
+    def compress_column(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
+        grp = col // g
+        if col % g == 0:  # the group's qparams, from its weights as updated so far
+            s, z = group_qparams(w1[:, i : i + g].unsqueeze(1), bits, symmetric, qparam_method)  # (N, 1)
+            scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+        c = quantize(w1[:, i : i + 1], scale[:, grp], zero[:, grp], bits)  # (N, 1)
+        codes[:, col] = c[:, 0]
+        return dequantize(c, scale[:, grp], zero[:, grp])[:, 0] * keep[:, grp]
+
+    obs_sweep(weight, hinv_chol, compress_column, block_size)
     codes = to_groups(codes, g) * mask.unsqueeze(-1)  # (N, G, g), pruned groups zeroed
     return codes, scale, zero
 

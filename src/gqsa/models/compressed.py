@@ -166,6 +166,29 @@ def save_compressed(
     return out_dir
 
 
+PRUNED_CONFIG_NAME = "gqsa_pruned.json"
+
+
+def save_pruned(
+    model: nn.Module, tokenizer, out_dir: str | Path, compression: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Write a model pruned in float (unstructured / N:M baselines) as a plain transformers checkpoint, atomically.
+
+    The zeros are stored, so ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` and every gqsa
+    evaluation load it as is; ``gqsa_pruned.json`` records how it was made.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {"format": "transformers (dense storage, pruned weights are zeros)", "gqsa_version": __version__,
+                  "compression": compression}
+        atomic_write_text(tmp / PRUNED_CONFIG_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    logger.info("saved pruned model to %s", out_dir)
+    return out_dir
+
+
 def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary frequencies, embedding scales) are not in the checkpoint: recompute them."""
     for module in model.modules():

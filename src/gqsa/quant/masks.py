@@ -78,3 +78,22 @@ def select_groups_across(scores: dict[str, torch.Tensor], ratio: float) -> dict[
         out[k] = keep[start : start + size].reshape(scores[k].shape).to(scores[k].device)
         start += size
     return out
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask with the ``n`` highest scores in every ``m`` consecutive columns of each row (N:M sparsity).
+
+    Args:
+        scores: (R, C) importance of single weights, C a multiple of ``m``.
+
+    Returns:
+        (R, C) bool, exactly ``n`` True in every aligned run of ``m`` columns (ties: lower index first).
+    """
+    r, c = scores.shape
+    if c % m:
+        raise ValueError(f"N:M sparsity needs a column count divisible by M={m}, got {c}")
+    s = scores.float().reshape(r, c // m, m)  # (R, C/M, M)
+    order = torch.argsort(-s, dim=-1, stable=True)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n], True)
+    return mask.reshape(r, c)
