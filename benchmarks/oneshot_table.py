@@ -1,0 +1,218 @@
+"""One-shot accuracy table: GQSA against every baseline, on one model, one calibration set, one evaluation.
+
+Each row compresses a fresh copy of the model with one configuration (a preset plus overrides), then measures
+held-out perplexity on wiki and c4 with the documented protocol (gqsa.eval.heldout). Results are appended to a
+JSON file after every row, so an interrupted run resumes where it stopped (rows already measured with the same
+settings are skipped); ``--render`` rewrites the table in docs/RESULTS.md from that file.
+
+    python benchmarks/oneshot_table.py                      # every row (hours on 2 cores)
+    python benchmarks/oneshot_table.py --rows dense,w4s50-g16
+    python benchmarks/oneshot_table.py --extra llmc-gptq-w4g128=/path/to/hf_dir   # a peer library's output
+    python benchmarks/oneshot_table.py --render             # only regenerate the markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "oneshot_smollm2.json"
+DOC = ROOT / "docs" / "RESULTS.md"
+BEGIN, END = "<!-- oneshot-table:begin -->", "<!-- oneshot-table:end -->"
+
+# row name -> (preset, overrides of the preset as {spec: {field: value}}, table section)
+ROWS: dict[str, tuple[str | None, dict, str]] = {
+    "dense": (None, {}, "reference"),
+    **{f"w4s{r}-g{g}": ("w4s50", {"sparsity": {"ratio": r / 100}, "quant": {"group_size": g}}, "GQSA one-shot")
+       for g in (16, 32) for r in (30, 40, 50)},
+    **{f"gptq-w{b}g{g}": (f"w{b}g{g}", {}, "GPTQ (dense, group quantization)")
+       for b in (2, 3, 4) for g in (64, 128)},
+    **{f"rtn-w{b}g{g}": (f"rtn-w{b}g{g}", {}, "round to nearest (dense)") for b in (2, 3, 4) for g in (64, 128)},
+    **{p: (p, {}, "float pruning (fp16 sparse storage)") for p in (
+        "2of4-sparsegpt", "2of4-wanda", "2of4-magnitude", "s50-sparsegpt", "s50-wanda", "s50-magnitude")},
+    "magnitude-w4s50": ("magnitude-w4s50", {}, "GQSA format, data-free"),
+    # saliency and allocation at W4S50 g16 (the w4s50-g16 row is obs saliency with row allocation)
+    "w4s50-g16-matrix": ("w4s50", {"sparsity": {"allocation": "matrix"}}, "W4S50 g16: saliency / allocation"),
+    "w4s50-g16-model": ("w4s50", {"sparsity": {"allocation": "model"}}, "W4S50 g16: saliency / allocation"),
+    "w4s50-g16-obs_diag": ("w4s50", {"oneshot": {"saliency": "obs_diag"}}, "W4S50 g16: saliency / allocation"),
+    "w4s50-g16-wanda": ("w4s50", {"oneshot": {"saliency": "wanda"}}, "W4S50 g16: saliency / allocation"),
+    "w4s50-g16-magnitude": ("w4s50", {"oneshot": {"saliency": "magnitude"}}, "W4S50 g16: saliency / allocation"),
+}
+
+
+def resolve(row: str, calib_samples: int, seq_len: int):
+    """The CompressConfig of a row (None for the dense reference)."""
+    from gqsa.config import preset
+
+    name, overrides, _ = ROWS[row]
+    if name is None:
+        return None
+    cfg = preset(name)
+    changes = {spec: getattr(cfg, spec).replace(**fields) for spec, fields in overrides.items()}
+    changes["calib"] = cfg.calib.replace(samples=calib_samples, seq_len=seq_len)
+    return cfg.replace(**changes)
+
+
+def settings(args) -> dict:
+    return {"calib_samples": args.calib_samples, "calib_seq_len": args.seq_len, "eval_seq_len": args.eval_seq_len,
+            "eval_max_tokens": args.eval_tokens, "datasets": args.datasets}
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}}
+
+
+def save_results(path: Path, data: dict) -> None:
+    from gqsa.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def measure(row: str, args, source: str | None = None) -> dict:
+    """Compress (unless dense or a given directory) and evaluate one row."""
+    from gqsa.compress import calibration_ids, compress_model
+    from gqsa.eval.heldout import heldout_perplexity
+    from gqsa.models.loading import load_model
+
+    model, tokenizer = load_model(source)
+    entry = {"row": row, "section": ROWS[row][2] if row in ROWS else "peer library (same model and calibration)"}
+    cfg = resolve(row, args.calib_samples, args.seq_len) if row in ROWS else None
+    if cfg is not None:
+        calib = calibration_ids(tokenizer, cfg) if cfg.method != "magnitude" else None
+        report = compress_model(model, cfg, calib_ids=calib, progress=True)
+        s = report["summary"]
+        entry.update(config=cfg.to_dict(), bits_per_weight=s["bits_per_weight"], sparsity=s["sparsity"],
+                     compress_time_s=report["wall_time_s"], peak_rss_mb=report["peak_rss_mb"])
+        if "groups_pruned_per_layer" in report:
+            entry["groups_pruned_per_layer"] = report["groups_pruned_per_layer"]
+    elif source is not None:
+        entry["source"] = str(source)
+        weights = [m.weight for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+        entry["sparsity"] = float(sum((w == 0).sum() for w in weights) / sum(w.numel() for w in weights))
+    for ds in args.datasets:
+        r = heldout_perplexity(model, tokenizer, ds, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+        entry[f"ppl_{ds}"] = r["ppl"]
+        entry[f"tokens_{ds}"] = r["tokens"]
+    return entry
+
+
+def _fmt_ppl(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
+
+
+def render(data: dict) -> str:
+    """The markdown table of every measured row, grouped by section, in ROWS order."""
+    rows = data["rows"]
+    s = data.get("settings", {})
+    datasets = s.get("datasets", ["wiki", "c4"])
+    order = list(ROWS) + sorted(r for r in rows if r not in ROWS)
+    lines = [
+        f"Model: SmolLM2-135M-Instruct (dequantized from Q4_1, fp32). Calibration: {s.get('calib_samples')} "
+        f"windows x {s.get('calib_seq_len')} tokens of the wiki calibration split. Evaluation: held-out "
+        f"{', '.join(datasets)}, first {s.get('eval_max_tokens')} tokens in windows of {s.get('eval_seq_len')}. "
+        f"Machine: {data.get('machine', '?')}; gqsa {data.get('git_revision', '?')}.",
+        "",
+        "| section | row | bits/weight | sparsity | " + " | ".join(f"{d} ppl" for d in datasets)
+        + " | compress time (s) |",
+        "|---|---|---:|---:|" + "---:|" * len(datasets) + "---:|",
+    ]
+    for row in order:
+        if row not in rows:
+            continue
+        e = rows[row]
+        bpw = e.get("bits_per_weight")
+        bpw_s = "32 (fp32)" if row == "dense" else ("-" if bpw is None else f"{bpw:.2f}")
+        sp = e.get("sparsity")
+        t = e.get("compress_time_s")
+        lines.append(
+            f"| {e['section']} | {row} | {bpw_s} | {'-' if sp is None else f'{sp:.1%}'} | "
+            + " | ".join(_fmt_ppl(e.get(f"ppl_{d}")) for d in datasets)
+            + f" | {'-' if t is None else f'{t:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc(table: str) -> None:
+    from gqsa.utils.io import atomic_write_text
+
+    text = DOC.read_text() if DOC.exists() else "# Results\n"
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(DOC, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all): {', '.join(ROWS)}")
+    p.add_argument("--extra", action="append", default=[], help="NAME=DIR: also evaluate an HF model directory")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--datasets", default="wiki,c4")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--redo", action="store_true", help="measure rows again even if present")
+    p.add_argument("--render", action="store_true", help="only rewrite the table in docs/RESULTS.md")
+    args = p.parse_args(argv)
+    args.datasets = args.datasets.split(",")
+    data = load_results(args.results)
+    if not args.render:
+        import transformers
+
+        import gqsa
+
+        transformers.logging.set_verbosity_error()
+        if data.get("settings") not in (None, settings(args)):
+            if data["rows"] and not args.redo:
+                print(f"{args.results} holds rows measured with other settings {data['settings']}; pass --redo "
+                      "or another --results file", file=sys.stderr)
+                return 2
+        data["settings"] = settings(args)
+        data["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        data["gqsa_version"] = gqsa.__version__
+        todo = [(r, None) for r in args.rows.split(",") if r]
+        todo += [tuple(x.split("=", 1)) for x in args.extra]
+        for row, source in todo:
+            if row not in ROWS and source is None:
+                print(f"unknown row {row!r}", file=sys.stderr)
+                return 2
+            if row in data["rows"] and not args.redo:
+                continue
+            t0 = time.perf_counter()
+            entry = measure(row, args, source)
+            entry["total_time_s"] = time.perf_counter() - t0
+            data["rows"][row] = entry
+            data["git_revision"] = _git_revision()
+            save_results(args.results, data)
+            print(json.dumps({k: v for k, v in entry.items() if k not in ("config", "groups_pruned_per_layer")}),
+                  flush=True)
+    write_doc(render(data))
+    print(render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
