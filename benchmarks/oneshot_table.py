@@ -91,7 +91,8 @@ def measure(row: str, args, source: str | None = None) -> dict:
     from gqsa.models.loading import load_model
 
     model, tokenizer = load_model(source)
-    entry = {"row": row, "section": ROWS[row][2] if row in ROWS else "peer library (same model and calibration)"}
+    entry = {"row": row, "section": ROWS[row][2] if row in ROWS else "peer library (same model and calibration)",
+             "threads": torch.get_num_threads()}
     cfg = resolve(row, args.calib_samples, args.seq_len) if row in ROWS else None
     if cfg is not None:
         calib = calibration_ids(tokenizer, cfg) if cfg.method != "magnitude" else None
@@ -173,12 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--datasets", default="wiki,c4")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/RESULTS.md")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--redo", action="store_true", help="measure rows again even if present")
     p.add_argument("--render", action="store_true", help="only rewrite the table in docs/RESULTS.md")
+    p.add_argument("--merge", type=Path, action="append", default=[],
+                   help="add the rows of another results file measured with the same settings (parallel runs)")
     args = p.parse_args(argv)
     args.datasets = args.datasets.split(",")
     data = load_results(args.results)
+    for other_path in args.merge:
+        other = load_results(other_path)
+        if data.get("settings") not in (None, other.get("settings")):
+            print(f"{other_path} was measured with other settings; not merged", file=sys.stderr)
+            return 2
+        data.setdefault("settings", other.get("settings"))
+        data["rows"].update(other["rows"])
+        save_results(args.results, data)
     if not args.render:
         import transformers
 
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             save_results(args.results, data)
             print(json.dumps({k: v for k, v in entry.items() if k not in ("config", "groups_pruned_per_layer")}),
                   flush=True)
-    write_doc(render(data))
+    if not args.no_doc:
+        write_doc(render(data))
     print(render(data))
     return 0
 

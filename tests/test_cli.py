@@ -137,3 +137,31 @@ def test_missing_model_and_non_checkpoint_are_errors(capsys, tmp_path, dense_dir
     assert code == 1 and "nope" in err
     code, _, err = _run(capsys, "info", dense_dir)
     assert code == 1 and "not a gqsa checkpoint" in err
+
+
+def test_float_baseline_preset_saves_a_plain_checkpoint_the_evaluation_loads(capsys, dense_dir, text_file, tmp_path):
+    out_dir = tmp_path / "sgpt"
+    code, out, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--preset", "2of4-sparsegpt",
+                          *calib(text_file))
+    assert code == 0, err
+    assert "2:4 sparsity 50%" in out and "9.000 bits per weight" in out
+    assert not (out_dir / "gqsa_config.json").exists() and (out_dir / "gqsa_pruned.json").exists()
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["summary"]["sparsity"] == 0.5 and len(report["layers"]) == 14
+    code, out, err = _run(capsys, "eval", "ppl", out_dir, "--text-file", text_file, *PPL_ARGS, "--json")
+    assert code == 0, err
+    assert math.isfinite(json.loads(out)["ppl"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()  # the 2:4 pattern survived the round trip
+
+
+def test_model_allocation_through_the_cli(capsys, dense_dir, text_file, tmp_path):
+    out_dir = tmp_path / "model-alloc"
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--allocation", "model",
+                        "--activation-budget-mb", 0, *calib(text_file))
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["activation_budget_bytes"] == 0 and len(report["groups_pruned_per_layer"]) == 14
