@@ -156,6 +156,10 @@ def test_float_baseline_preset_saves_a_plain_checkpoint_the_evaluation_loads(cap
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     w = model.model.layers[1].mlp.down_proj.weight
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()  # the 2:4 pattern survived the round trip
+    code, out, err = _run(capsys, "info", out_dir)
+    assert code == 0 and "pruned float checkpoint" in out and "sparsegpt: 2:4 sparsity 0.5" in out
+    code, out, err = _run(capsys, "info", out_dir, "--json")
+    assert code == 0 and json.loads(out)["summary"]["bits_per_weight"] == 9.0
 
 
 def test_model_allocation_through_the_cli(capsys, dense_dir, text_file, tmp_path):

@@ -258,9 +258,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _pruned_info(path: Path, as_json: bool) -> int:
+    """``gqsa info`` of a float baseline checkpoint (plain transformers files + gqsa_pruned.json)."""
+    from gqsa.models.compressed import PRUNED_CONFIG_NAME
+
+    record = json.loads((path / PRUNED_CONFIG_NAME).read_text())
+    report = path / "report.json"
+    if as_json:
+        summary = json.loads(report.read_text())["summary"] if report.exists() else None
+        print(json.dumps({"path": str(path), **record, "summary": summary}, indent=1))
+        return 0
+    comp = record.get("compression") or {}
+    sp = comp.get("sparsity", {})
+    print(f"{path}: pruned float checkpoint (plain transformers files, zeros stored), gqsa "
+          f"{record.get('gqsa_version')}")
+    print(f"  compressed with {comp.get('method')}: {sp.get('pattern')} sparsity {sp.get('ratio')}")
+    if report.exists():
+        s = json.loads(report.read_text())["summary"]
+        print(f"  {s['num_layers']} linear layers: {s['sparsity']:.1%} of weights pruned, "
+              f"{s['bits_per_weight']:.3f} bits per weight in an fp16 sparse format")
+    return 0
+
+
 def cmd_info(args) -> int:
     from gqsa.format.checkpoint import checkpoint_info
+    from gqsa.models.compressed import PRUNED_CONFIG_NAME
 
+    if (Path(args.path) / PRUNED_CONFIG_NAME).is_file():
+        return _pruned_info(Path(args.path), args.json)
     info = checkpoint_info(Path(args.path))
     if args.json:
         print(json.dumps(info, indent=1))
