@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gqsa.algorithms.reports import float_layer_report, layer_report
 from gqsa.config import CompressConfig
-from gqsa.format.float_sparse import float_sparse_bits_per_weight
 from gqsa.format.packed import PackedWeight
 from gqsa.models.adapter import compressible_linears
 from gqsa.models.compressed import model_summary, set_submodule
@@ -41,48 +41,6 @@ def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def error_report(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None = None) -> dict:
-    """How far ``approx`` is from ``weight``, both (N, K).
-
-    ``relative_error`` is ||W - Wq||_F / ||W||_F; with calibration statistics H, ``output_error`` is the relative
-    error of the layer's output on the calibration inputs, tr(D H D^T) / tr(W H W^T) with D = Wq - W.
-    """
-    w = weight.detach().float()
-    diff = approx.detach().float().to(w.device) - w
-    report = {"relative_error": float(diff.norm() / w.norm().clamp_min(1e-12))}
-    if hessian is not None:
-        num = ((diff @ hessian) * diff).sum()
-        den = ((w @ hessian) * w).sum().clamp_min(1e-12)
-        report["output_error"] = float(num / den)
-    return report
-
-
-def layer_report(name: str, weight: torch.Tensor, packed: PackedWeight, hessian: torch.Tensor | None = None) -> dict:
-    """Errors (``error_report``) and storage of one layer compressed into the packed format."""
-    return {
-        "layer": name,
-        "shape": [packed.out_features, packed.in_features],
-        **error_report(weight, packed.dequantize(), hessian),
-        "sparsity": packed.sparsity,
-        "bits_per_weight": packed.bits_per_weight(),
-    }
-
-
-def float_layer_report(
-    name: str, weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, pattern: str,
-    hessian: torch.Tensor | None = None,
-) -> dict:
-    """Errors and storage (``float_sparse_bits_per_weight``) of one layer pruned in float."""
-    density = float(mask.float().mean())
-    return {
-        "layer": name,
-        "shape": list(weight.shape),
-        **error_report(weight, pruned, hessian),
-        "sparsity": 1.0 - density,
-        "bits_per_weight": float_sparse_bits_per_weight(density, pattern),
-    }
 
 
 def calibration_ids(tokenizer, config: CompressConfig) -> torch.Tensor:
@@ -194,7 +152,7 @@ def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: tor
 
 
 def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool,
-                         store: dict) -> tuple[list[dict], dict | None]:
+                         store: dict) -> tuple[list[dict], dict | None, list[dict] | None]:
     from gqsa.algorithms.allocation import allocate_counts
     from gqsa.algorithms.blockwise import compress_blockwise
 
@@ -202,8 +160,13 @@ def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: to
     if config.sparsity.allocation == "model":
         curves = measure_sensitivity(model, config, calib_ids, progress, **store)
         counts = allocate_counts(curves, config.sparsity.ratio, config.sparsity.model_spread)
-    layers = compress_blockwise(model, calib_ids, _layer_compressor(config, counts), progress=progress, **store)
-    return layers, counts
+    compress_linear = _layer_compressor(config, counts)
+    if config.bqpo.epochs:
+        from gqsa.algorithms.bqpo import compress_blockwise_bqpo
+
+        layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo, progress, **store)
+        return layers, counts, blocks
+    return compress_blockwise(model, calib_ids, compress_linear, progress=progress, **store), counts, None
 
 
 def float_sparse_summary(model: nn.Module, layers: list[dict]) -> dict:
@@ -248,7 +211,7 @@ def compress_model(
     start = time.perf_counter()
     linears = compressible_linears(model)
     check_layers(linears, config)
-    counts = None
+    counts = blocks = None
     if config.method == "magnitude":
         layers = _compress_data_free(model, linears, config, progress)
     else:
@@ -256,7 +219,7 @@ def compress_model(
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
                              "see gqsa.compress.calibration_ids")
         store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
-        layers, counts = _compress_calibrated(model, config, calib_ids, progress, store)
+        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store)
     packed = config.sparsity.pattern == "group"
     report = {
         "config": config.to_dict(),
@@ -267,4 +230,6 @@ def compress_model(
     }
     if counts is not None:
         report["groups_pruned_per_layer"] = counts
+    if blocks is not None:
+        report["bqpo_blocks"] = blocks
     return report

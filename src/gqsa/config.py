@@ -241,6 +241,57 @@ class OneShotSpec(_Config):
             raise ValueError(f"OneShotSpec.block_size must be a power of two >= 8, got {self.block_size!r}")
 
 
+def _check_number(cls: str, name: str, value, lo: float, hi: float, integer: bool = False, lo_open=False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or math.isnan(float(value)) or not (
+        (lo < value if lo_open else lo <= value) and value <= hi
+    ):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{cls}.{name} must be {kind} in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class BQPOSpec(_Config):
+    """Block-wise training after the one-shot step (BQPO): each block's kept weights, scales and zero points are
+    trained to make the compressed block's output on the compressed inputs match the dense block's output on
+    the dense inputs. Masks stay fixed.
+
+    Attributes:
+        epochs: passes over the training windows per block; 0 turns BQPO off.
+        lr_weight: AdamW learning rate of the float weights (quantized with straight-through rounding).
+        lr_qparams: AdamW learning rate of the scales and zero points.
+        weight_decay: AdamW weight decay (weights only).
+        batch_size: windows per optimizer step (gradients accumulated one window at a time).
+        grad_clip: max global gradient norm (0 = no clipping).
+        val_windows: calibration windows held out for early stopping (taken from the end; 0 = none).
+        patience: epochs without a better held-out loss before stopping; the best state is restored.
+        seed: seed of the window order (per block: seed + block index).
+    """
+
+    epochs: int = 0
+    lr_weight: float = 1e-5
+    lr_qparams: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_clip: float = 1.0
+    val_windows: int = 4
+    patience: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "BQPOSpec"
+        _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
+        _check_number(c, "lr_weight", self.lr_weight, 0, 1.0)
+        _check_number(c, "lr_qparams", self.lr_qparams, 0, 1.0)
+        _check_number(c, "weight_decay", self.weight_decay, 0, 1.0)
+        _check_number(c, "batch_size", self.batch_size, 1, 1 << 20, integer=True)
+        _check_number(c, "grad_clip", self.grad_clip, 0, 1e6)
+        _check_number(c, "val_windows", self.val_windows, 0, 1 << 20, integer=True)
+        _check_number(c, "patience", self.patience, 1, 1000, integer=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"BQPOSpec.seed must be an integer, got {self.seed!r}")
+
+
 @dataclass(frozen=True)
 class CompressConfig(_Config):
     """The whole compression: which method, its quantization and sparsity, its calibration data.
@@ -256,6 +307,7 @@ class CompressConfig(_Config):
         sparsity: the SparsitySpec.
         calib: the CalibSpec (unused by data-free methods, recorded anyway).
         oneshot: the OneShotSpec of method "gqsa".
+        bqpo: the BQPOSpec (block-wise training after the one-shot step; method "gqsa" only, off by default).
         version: config schema version; files written by another version are rejected with a clear error.
     """
 
@@ -264,6 +316,7 @@ class CompressConfig(_Config):
         "sparsity": SparsitySpec,
         "calib": CalibSpec,
         "oneshot": OneShotSpec,
+        "bqpo": BQPOSpec,
     }
 
     method: str = "gqsa"
@@ -271,6 +324,7 @@ class CompressConfig(_Config):
     sparsity: SparsitySpec = field(default_factory=SparsitySpec)
     calib: CalibSpec = field(default_factory=CalibSpec)
     oneshot: OneShotSpec = field(default_factory=OneShotSpec)
+    bqpo: BQPOSpec = field(default_factory=BQPOSpec)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -282,6 +336,9 @@ class CompressConfig(_Config):
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"CompressConfig.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
         pattern = self.sparsity.pattern
+        if self.bqpo.epochs and self.method != "gqsa":
+            raise ValueError(f"CompressConfig: BQPO (bqpo.epochs > 0) trains GQSA layers; method {self.method!r} "
+                             "has none")
         if pattern == "group":
             if self.method in FLOAT_SPARSE_METHODS:
                 raise ValueError(

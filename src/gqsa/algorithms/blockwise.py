@@ -45,6 +45,57 @@ def capture_calibration_inputs(
 
 
 @torch.no_grad()
+def collect_block_hessians(block: nn.Module, hidden: ActivationStore, kwargs: dict) -> dict[str, HessianAccumulator]:
+    """Run ``block`` on every window of ``hidden`` and return H per linear layer (shared within input groups)."""
+    linears = block_linears(block)
+    stats: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for group in input_groups(block):
+        first = linears[group[0]]
+        acc = HessianAccumulator(first.in_features, device=first.weight.device)
+        for name in group:
+            stats[name] = acc
+        hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
+    try:
+        for h in hidden:
+            block(h, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def compress_block_linears(
+    block: nn.Module, prefix: str, stats: dict[str, HessianAccumulator], compress_linear: CompressLinearFn
+) -> list[dict]:
+    """Replace every linear layer of ``block`` by ``compress_linear``'s module; one report per layer."""
+    from gqsa.models.compressed import set_submodule
+
+    reports = []
+    for name, linear in block_linears(block).items():
+        full = f"{prefix}.{name}"
+        module, report = compress_linear(full, linear, stats[name])
+        logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
+        reports.append(report)
+        set_submodule(block, name, module)
+    return reports
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: ActivationStore, kwargs: dict, out: ActivationStore) -> ActivationStore:
+    """Append ``block``'s output on every window of ``hidden`` to ``out``; returns ``out``."""
+    for h in hidden:
+        out.append(_block_output(block(h, **kwargs)))
+    return out
+
+
+def store_factory(activation_budget_bytes: int | None, offload_dir: str | None, stores: int = 2):
+    """A function making ActivationStores that share ``activation_budget_bytes`` among ``stores`` live ones."""
+    share = None if activation_budget_bytes is None else activation_budget_bytes // stores
+    return lambda: ActivationStore(share, offload_dir)
+
+
+@torch.no_grad()
 def compress_blockwise(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -69,44 +120,14 @@ def compress_blockwise(
     Returns:
         One report dict per compressed layer, in order.
     """
-    from gqsa.models.compressed import set_submodule
-
-    half = None if activation_budget_bytes is None else activation_budget_bytes // 2
-
-    def new_store() -> ActivationStore:
-        return ActivationStore(half, offload_dir)
-
+    new_store = store_factory(activation_budget_bytes, offload_dir)
     hidden, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store())
     reports = []
-    blocks = decoder_layers(model)
     try:
-        for b, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-            prefix = block_prefix(model, b)
-            linears = block_linears(block)
-            stats: dict[str, HessianAccumulator] = {}
-            hooks = []
-            for group in input_groups(block):
-                first = linears[group[0]]
-                acc = HessianAccumulator(first.in_features, device=first.weight.device)
-                for name in group:
-                    stats[name] = acc
-                hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
-            try:
-                for h in hidden:
-                    block(h, **block_kwargs[b])
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            for name, linear in linears.items():
-                full = f"{prefix}.{name}"
-                module, report = compress_linear(full, linear, stats[name])
-                logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items()
-                                                      if isinstance(v, float)))
-                reports.append(report)
-                set_submodule(block, name, module)
-            outputs = new_store()
-            for h in hidden:
-                outputs.append(_block_output(block(h, **block_kwargs[b])))
+        for b, block in enumerate(tqdm(decoder_layers(model), desc=desc, disable=not progress)):
+            stats = collect_block_hessians(block, hidden, block_kwargs[b])
+            reports += compress_block_linears(block, block_prefix(model, b), stats, compress_linear)
+            outputs = run_block(block, hidden, block_kwargs[b], new_store())
             if outputs.spilled:
                 logger.info("block %d: %d of %d activation windows on disk", b, outputs.spilled, len(outputs))
             hidden.close()

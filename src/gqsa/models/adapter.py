@@ -191,6 +191,12 @@ def logits_from_hidden_states(model: nn.Module, hidden_states: torch.Tensor) -> 
     return logits
 
 
+def block_projections(block: nn.Module) -> dict[str, nn.Module]:
+    """The modules at the linear-layer names of one decoder block, whatever they are now (``nn.Linear``, a packed
+    or a trainable compressed layer), in execution order. See :func:`block_linears`."""
+    return {name: block.get_submodule(name) for name in _BLOCK_LINEARS}
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The compressible linear layers of one decoder block, in execution order.
 

@@ -1,0 +1,191 @@
+"""BQPO (Block Quantization-Pruning Optimization): block-wise training after the one-shot step.
+
+For each decoder block b, in order:
+
+    targets  = dense block b on the dense inputs            (what the block should output)
+    H        = statistics of the compressed inputs           (as the one-shot step uses them)
+    block b  <- GQSA one-shot (masks, codes, scales)         (the starting point)
+    block b  <- FakeQuantLinear layers, trained with AdamW to minimise MSE(block(compressed inputs), targets);
+                masks fixed, pruned groups exactly zero, the best state on held-out windows kept
+    block b  <- frozen back to GQSALinear (to_packed)
+    next compressed inputs = block b on the compressed inputs; next dense inputs = targets
+
+Three sets of activations live at once (dense inputs, compressed inputs, targets); past the memory budget they
+go to disk (ActivationStore).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.blockwise import (
+    CompressLinearFn,
+    _block_output,
+    capture_calibration_inputs,
+    collect_block_hessians,
+    compress_block_linears,
+    run_block,
+    store_factory,
+)
+from gqsa.algorithms.reports import layer_report
+from gqsa.config import BQPOSpec
+from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
+from gqsa.nn.fake_quant import FakeQuantLinear
+from gqsa.nn.packed_linear import GQSALinear
+
+logger = logging.getLogger(__name__)
+
+
+def _swap(block: nn.Module, to_fake: bool) -> list[FakeQuantLinear]:
+    """GQSALinear -> FakeQuantLinear (mode "weights"), or back; returns the trainable layers."""
+    from gqsa.models.compressed import set_submodule
+
+    fakes = []
+    for name, module in block_projections(block).items():
+        if to_fake and isinstance(module, GQSALinear):
+            fake = FakeQuantLinear.from_module(module, mode="weights")
+            set_submodule(block, name, fake)
+            fakes.append(fake)
+        elif not to_fake and isinstance(module, FakeQuantLinear):
+            bias = None if module.bias is None else module.bias
+            set_submodule(block, name, GQSALinear.from_packed(module.to_packed(), bias))
+    return fakes
+
+
+def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(_block_output(block(x, **kwargs)).float(), y.float())
+
+
+@torch.no_grad()
+def _mean_loss(block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, idx) -> float:
+    return sum(float(_window_loss(block, kwargs, inputs[i], targets[i])) for i in idx) / max(1, len(idx))
+
+
+def train_block(
+    block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, spec: BQPOSpec, seed: int
+) -> dict:
+    """Train the FakeQuantLinear layers of ``block`` so that block(inputs[i]) matches targets[i].
+
+    The last ``spec.val_windows`` windows are held out (when at least one window is left to train on): training
+    stops after ``spec.patience`` epochs without a lower held-out loss, and the best state (possibly the
+    starting point) is restored, so the held-out loss never ends higher than it started.
+
+    Returns:
+        {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
+    """
+    fakes = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    weights = [m.weight for m in fakes]
+    qparams = [p for m in fakes for p in (m.scale, m.zero_point) if isinstance(p, nn.Parameter)]
+    trainable = weights + qparams
+    requires = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    n = len(inputs)
+    n_val = spec.val_windows if spec.val_windows < n else 0
+    train_idx = torch.arange(n - n_val)
+    val_idx = list(range(n - n_val, n)) or train_idx.tolist()
+    steps_per_epoch = math.ceil(len(train_idx) / spec.batch_size)
+    total = max(1, spec.epochs * steps_per_epoch)
+    opt = torch.optim.AdamW([
+        {"params": weights, "lr": spec.lr_weight, "weight_decay": spec.weight_decay},
+        {"params": qparams, "lr": spec.lr_qparams, "weight_decay": 0.0},
+    ])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    gen = torch.Generator().manual_seed(seed)
+    before = best = _mean_loss(block, kwargs, inputs, targets, val_idx)
+    best_state = [p.detach().clone() for p in trainable]
+    bad, epochs_run, steps = 0, 0, 0
+    try:
+        for _ in range(spec.epochs):
+            order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
+            for start in range(0, len(order), spec.batch_size):
+                batch = order[start : start + spec.batch_size]
+                opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    for i in batch:
+                        (_window_loss(block, kwargs, inputs[i], targets[i]) / len(batch)).backward()
+                if spec.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
+                opt.step()
+                sched.step()
+                steps += 1
+            epochs_run += 1
+            loss = _mean_loss(block, kwargs, inputs, targets, val_idx)
+            if loss < best:
+                best, bad = loss, 0
+                best_state = [p.detach().clone() for p in trainable]
+            else:
+                bad += 1
+                if bad >= spec.patience:
+                    break
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(trainable, best_state):
+                p.copy_(saved)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        for p in trainable:
+            p.requires_grad_(False)
+    return {"loss_before": before, "loss_after": best, "epochs_run": epochs_run, "steps": steps}
+
+
+@torch.no_grad()
+def compress_blockwise_bqpo(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    compress_linear: CompressLinearFn,
+    spec: BQPOSpec,
+    progress: bool = True,
+    activation_budget_bytes: int | None = None,
+    offload_dir: str | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """One-shot compression then BQPO, block by block (see the module docstring).
+
+    Args:
+        compress_linear: the one-shot step for one layer (as for ``compress_blockwise``).
+        spec: BQPO settings (``spec.epochs`` > 0).
+
+    Returns:
+        (report per layer: errors after BQPO, and the one-shot errors as ``oneshot_*``; BQPO statistics per
+        block).
+    """
+    new_store = store_factory(activation_budget_bytes, offload_dir, stores=3)
+    q_in, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store())
+    fp_in = q_in  # block 0 sees the same inputs on both paths
+    reports, block_stats = [], []
+    try:
+        for b, block in enumerate(tqdm(decoder_layers(model), desc="compressing + BQPO", disable=not progress)):
+            kw = block_kwargs[b]
+            targets = run_block(block, fp_in, kw, new_store())
+            stats = collect_block_hessians(block, q_in, kw)
+            dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
+            prefix = block_prefix(model, b)
+            oneshot = compress_block_linears(block, prefix, stats, compress_linear)
+            _swap(block, to_fake=True)
+            result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
+            _swap(block, to_fake=False)
+            for (name, module), first in zip(block_projections(block).items(), oneshot):
+                final = layer_report(f"{prefix}.{name}", dense[name], module.packed_weight(), stats[name].hessian)
+                reports.append({**final, **{f"oneshot_{k}": first[k] for k in ("relative_error", "output_error")
+                                            if k in first}})
+            block_stats.append({"block": b, **result})
+            logger.info("block %d BQPO: block output MSE %.4g -> %.4g (%d epochs)", b, result["loss_before"],
+                        result["loss_after"], result["epochs_run"])
+            q_out = run_block(block, q_in, kw, new_store())
+            if fp_in is not q_in:
+                fp_in.close()
+            q_in.close()
+            fp_in, q_in = targets, q_out
+    finally:
+        q_in.close()
+        fp_in.close()
+    return reports, block_stats
