@@ -2,9 +2,10 @@
 
     model -> check every layer fits the config -> [calibration windows] -> [allocation "model": a dense pass
     measures each layer's sensitivity and sets its share of the pruning] -> choose masks and quantize (the
-    method; calibrated methods go block by block) -> swap in GQSALinear (group pattern) or leave the pruned
-    float weights in place (unstructured / N:M baselines) -> report (per-layer errors, sparsity, bits per
-    weight, time, memory)
+    method; calibrated methods go block by block) [-> BQPO: train each block after its one-shot step] -> swap
+    in GQSALinear (group pattern) or leave the pruned float weights in place (unstructured / N:M baselines)
+    [-> E2E-OQP: train the scales end to end] -> report (per-layer errors, sparsity, bits per weight, time,
+    memory)
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ def compress_model(
             the system temporary directory). None = no limit.
 
     Returns:
-        A report: the config, per-layer results, model summary, wall time and peak memory (and, with allocation
-        "model", the groups pruned per layer).
+        A report: the config, per-layer results, model summary, wall time and peak memory; with allocation
+        "model" the groups pruned per layer, with BQPO its per-block losses ("bqpo_blocks"), with E2E-OQP its
+        held-out loss before and after ("e2e").
 
     Raises:
         ValueError: a layer the config does not fit, or a calibrated method without calibration windows.
@@ -220,6 +222,11 @@ def compress_model(
                              "see gqsa.compress.calibration_ids")
         store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
         layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store)
+    e2e = None
+    if config.e2e.epochs:
+        from gqsa.algorithms.e2e_oqp import e2e_oqp
+
+        e2e = e2e_oqp(model, calib_ids, config.e2e)
     packed = config.sparsity.pattern == "group"
     report = {
         "config": config.to_dict(),
@@ -228,8 +235,7 @@ def compress_model(
         "wall_time_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if counts is not None:
-        report["groups_pruned_per_layer"] = counts
-    if blocks is not None:
-        report["bqpo_blocks"] = blocks
+    for key, value in (("groups_pruned_per_layer", counts), ("bqpo_blocks", blocks), ("e2e", e2e)):
+        if value is not None:
+            report[key] = value
     return report

@@ -269,8 +269,8 @@ class BQPOSpec(_Config):
     """
 
     epochs: int = 0
-    lr_weight: float = 1e-5
-    lr_qparams: float = 1e-4
+    lr_weight: float = 1e-3
+    lr_qparams: float = 1e-2
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_clip: float = 1.0
@@ -293,6 +293,52 @@ class BQPOSpec(_Config):
 
 
 @dataclass(frozen=True)
+class E2ESpec(_Config):
+    """End-to-end training of the quantization parameters (E2E-OQP) after the block-wise steps: the integer
+    codes and the masks are frozen; the scales (and, if asked, the zero points) of every layer train on the
+    next-token loss of the calibration windows through the whole model.
+
+    Attributes:
+        epochs: passes over the training windows; 0 turns E2E-OQP off.
+        lr: AdamW learning rate of the scales.
+        train_zero_point: also train the zero points (asymmetric layers; rounded with straight-through).
+        lr_zero_point: their learning rate (zero points are in code units, scales in weight units).
+        batch_size: windows per optimizer step (gradients accumulated one window at a time).
+        grad_clip: max global gradient norm (0 = no clipping).
+        val_windows: calibration windows held out for early stopping (0 = none).
+        patience: epochs without a better held-out loss before stopping; the best state is restored.
+        gradient_checkpointing: recompute block activations in the backward pass to bound memory.
+        seed: seed of the window order.
+    """
+
+    epochs: int = 0
+    lr: float = 1e-4
+    train_zero_point: bool = False
+    lr_zero_point: float = 1e-2
+    batch_size: int = 4
+    grad_clip: float = 1.0
+    val_windows: int = 4
+    patience: int = 1
+    gradient_checkpointing: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "E2ESpec"
+        _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
+        _check_number(c, "lr", self.lr, 0, 1.0)
+        _check_number(c, "lr_zero_point", self.lr_zero_point, 0, 10.0)
+        _check_number(c, "batch_size", self.batch_size, 1, 1 << 20, integer=True)
+        _check_number(c, "grad_clip", self.grad_clip, 0, 1e6)
+        _check_number(c, "val_windows", self.val_windows, 0, 1 << 20, integer=True)
+        _check_number(c, "patience", self.patience, 1, 1000, integer=True)
+        for name in ("train_zero_point", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"E2ESpec.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"E2ESpec.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class CompressConfig(_Config):
     """The whole compression: which method, its quantization and sparsity, its calibration data.
 
@@ -308,6 +354,7 @@ class CompressConfig(_Config):
         calib: the CalibSpec (unused by data-free methods, recorded anyway).
         oneshot: the OneShotSpec of method "gqsa".
         bqpo: the BQPOSpec (block-wise training after the one-shot step; method "gqsa" only, off by default).
+        e2e: the E2ESpec (end-to-end training of scales after that; method "gqsa" only, off by default).
         version: config schema version; files written by another version are rejected with a clear error.
     """
 
@@ -317,6 +364,7 @@ class CompressConfig(_Config):
         "calib": CalibSpec,
         "oneshot": OneShotSpec,
         "bqpo": BQPOSpec,
+        "e2e": E2ESpec,
     }
 
     method: str = "gqsa"
@@ -325,6 +373,7 @@ class CompressConfig(_Config):
     calib: CalibSpec = field(default_factory=CalibSpec)
     oneshot: OneShotSpec = field(default_factory=OneShotSpec)
     bqpo: BQPOSpec = field(default_factory=BQPOSpec)
+    e2e: E2ESpec = field(default_factory=E2ESpec)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -338,6 +387,9 @@ class CompressConfig(_Config):
         pattern = self.sparsity.pattern
         if self.bqpo.epochs and self.method != "gqsa":
             raise ValueError(f"CompressConfig: BQPO (bqpo.epochs > 0) trains GQSA layers; method {self.method!r} "
+                             "has none")
+        if self.e2e.epochs and self.method != "gqsa":
+            raise ValueError(f"CompressConfig: E2E-OQP (e2e.epochs > 0) trains GQSA layers; method {self.method!r} "
                              "has none")
         if pattern == "group":
             if self.method in FLOAT_SPARSE_METHODS:

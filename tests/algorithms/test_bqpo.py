@@ -74,3 +74,45 @@ def test_bqpo_is_deterministic(runs):
 def test_bqpo_needs_method_gqsa():
     with pytest.raises(ValueError, match="BQPO"):
         CompressConfig(method="magnitude", bqpo=BQPOSpec(epochs=1))
+
+
+@pytest.mark.parametrize("train_zero_point", [False, True])
+def test_e2e_oqp_changes_scales_and_nothing_else(train_zero_point):
+    from gqsa.algorithms.e2e_oqp import e2e_oqp
+    from gqsa.config import E2ESpec
+
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (10, 32), generator=gen)
+    model, _ = _run(_config(0), calib)
+    before = {n: m.packed_weight() for n, m in packed_layers(model).items()}
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    result = e2e_oqp(model, calib, E2ESpec(epochs=3, lr=1e-3, batch_size=2, val_windows=3, patience=3,
+                                           train_zero_point=train_zero_point, lr_zero_point=0.3))
+    assert result["loss_after"] < result["loss_before"] and result["layers"] == 14
+    after = {n: m.packed_weight() for n, m in packed_layers(model).items()}
+    scales_changed = zeros_changed = 0
+    for name, a in before.items():
+        b = after[name]
+        assert torch.equal(a.crow_indices, b.crow_indices) and torch.equal(a.col_indices, b.col_indices)
+        assert torch.equal(a.values, b.values), name  # the integer codes are frozen
+        scales_changed += int(not torch.equal(a.scale, b.scale))
+        zeros_changed += int(not torch.equal(a.zero_point, b.zero_point))
+    assert scales_changed == 14
+    assert (zeros_changed > 0) == train_zero_point
+    for key, value in model.state_dict().items():  # everything outside the packed layers is untouched
+        if not any(key.startswith(n + ".") for n in before):
+            assert torch.equal(value, dense_state[key]), key
+    assert not model.training  # back in eval mode, as it was
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_full_pipeline_one_shot_bqpo_e2e_reports_each_stage():
+    from gqsa.config import E2ESpec
+
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (10, 32), generator=gen)
+    cfg = _config(2).replace(e2e=E2ESpec(epochs=1, lr=1e-3, batch_size=2, val_windows=3))
+    model, report = _run(cfg, calib)
+    assert len(report["bqpo_blocks"]) == 2 and report["e2e"]["loss_after"] <= report["e2e"]["loss_before"]
+    assert len(packed_layers(model)) == 14 and report["summary"]["sparsity"] == 0.5

@@ -17,7 +17,6 @@ go to disk (ActivationStore).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -35,6 +34,7 @@ from gqsa.algorithms.blockwise import (
     store_factory,
 )
 from gqsa.algorithms.reports import layer_report
+from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
 from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
 from gqsa.nn.fake_quant import FakeQuantLinear
@@ -63,79 +63,33 @@ def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tenso
     return F.mse_loss(_block_output(block(x, **kwargs)).float(), y.float())
 
 
-@torch.no_grad()
-def _mean_loss(block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, idx) -> float:
-    return sum(float(_window_loss(block, kwargs, inputs[i], targets[i])) for i in idx) / max(1, len(idx))
-
-
 def train_block(
     block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, spec: BQPOSpec, seed: int
 ) -> dict:
-    """Train the FakeQuantLinear layers of ``block`` so that block(inputs[i]) matches targets[i].
+    """Train the FakeQuantLinear layers of ``block`` so that block(inputs[i]) matches targets[i] (MSE).
 
-    The last ``spec.val_windows`` windows are held out (when at least one window is left to train on): training
-    stops after ``spec.patience`` epochs without a lower held-out loss, and the best state (possibly the
-    starting point) is restored, so the held-out loss never ends higher than it started.
-
-    Returns:
-        {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
+    Weights train at ``spec.lr_weight`` and scales / zero points at ``spec.lr_qparams``; every other parameter
+    of the block stays frozen. See ``gqsa.algorithms.training.fit`` for the loop and its early stopping.
     """
     fakes = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
     weights = [m.weight for m in fakes]
     qparams = [p for m in fakes for p in (m.scale, m.zero_point) if isinstance(p, nn.Parameter)]
-    trainable = weights + qparams
     requires = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
-    for p in trainable:
+    for p in weights + qparams:
         p.requires_grad_(True)
-    n = len(inputs)
-    n_val = spec.val_windows if spec.val_windows < n else 0
-    train_idx = torch.arange(n - n_val)
-    val_idx = list(range(n - n_val, n)) or train_idx.tolist()
-    steps_per_epoch = math.ceil(len(train_idx) / spec.batch_size)
-    total = max(1, spec.epochs * steps_per_epoch)
-    opt = torch.optim.AdamW([
-        {"params": weights, "lr": spec.lr_weight, "weight_decay": spec.weight_decay},
-        {"params": qparams, "lr": spec.lr_qparams, "weight_decay": 0.0},
-    ])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    gen = torch.Generator().manual_seed(seed)
-    before = best = _mean_loss(block, kwargs, inputs, targets, val_idx)
-    best_state = [p.detach().clone() for p in trainable]
-    bad, epochs_run, steps = 0, 0, 0
     try:
-        for _ in range(spec.epochs):
-            order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
-            for start in range(0, len(order), spec.batch_size):
-                batch = order[start : start + spec.batch_size]
-                opt.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    for i in batch:
-                        (_window_loss(block, kwargs, inputs[i], targets[i]) / len(batch)).backward()
-                if spec.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
-                opt.step()
-                sched.step()
-                steps += 1
-            epochs_run += 1
-            loss = _mean_loss(block, kwargs, inputs, targets, val_idx)
-            if loss < best:
-                best, bad = loss, 0
-                best_state = [p.detach().clone() for p in trainable]
-            else:
-                bad += 1
-                if bad >= spec.patience:
-                    break
+        return fit(
+            [{"params": weights, "lr": spec.lr_weight, "weight_decay": spec.weight_decay},
+             {"params": qparams, "lr": spec.lr_qparams, "weight_decay": 0.0}],
+            lambda i: _window_loss(block, kwargs, inputs[i], targets[i]),
+            len(inputs), spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, seed,
+            label="BQPO",
+        )
     finally:
-        with torch.no_grad():
-            for p, saved in zip(trainable, best_state):
-                p.copy_(saved)
         for p, flag in requires.items():
             p.requires_grad_(flag)
-        for p in trainable:
-            p.requires_grad_(False)
-    return {"loss_before": before, "loss_after": best, "epochs_run": epochs_run, "steps": steps}
 
 
 @torch.no_grad()

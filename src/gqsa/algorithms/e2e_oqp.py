@@ -1,0 +1,99 @@
+"""E2E-OQP (End-to-End Optimized Quantization-Pruning): train only quantization parameters through the model.
+
+Every GQSALinear becomes a FakeQuantLinear in mode "qparams" (integer codes and masks frozen); the scales (and,
+if asked, the zero points) train on the next-token loss of the calibration windows; every other parameter of
+the model stays frozen. Gradient checkpointing of the decoder blocks bounds activation memory. At the end the
+layers are frozen back into the packed format with the trained scales.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from gqsa.algorithms.training import fit
+from gqsa.config import E2ESpec
+from gqsa.nn.fake_quant import FakeQuantLinear
+from gqsa.nn.packed_linear import GQSALinear
+
+logger = logging.getLogger(__name__)
+
+
+def _swap_all(model: nn.Module, to_fake: bool, train_zero_point: bool = False) -> list[FakeQuantLinear]:
+    from gqsa.models.compressed import set_submodule
+
+    fakes = []
+    for name, module in list(model.named_modules()):
+        if to_fake and isinstance(module, GQSALinear):
+            fake = FakeQuantLinear.from_module(module, mode="qparams", train_zero_point=train_zero_point)
+            set_submodule(model, name, fake)
+            fakes.append(fake)
+        elif not to_fake and isinstance(module, FakeQuantLinear):
+            set_submodule(model, name, GQSALinear.from_packed(module.to_packed(), module.bias))
+    return fakes
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn transformers' activation (gradient) checkpointing on or off; transformers 5 renamed the methods."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec) -> dict:
+    """Train the scales (and zero points) of every packed layer of ``model`` on the LM loss of ``calib_ids``.
+
+    Args:
+        model: a transformers causal LM whose compressed layers are GQSALinear (modified in place).
+        calib_ids: (n, L) token windows; the last ``spec.val_windows`` are held out for early stopping.
+
+    Returns:
+        {"loss_before", "loss_after" (held-out mean next-token loss), "epochs_run", "steps", "layers"}.
+    """
+    fakes = _swap_all(model, to_fake=True, train_zero_point=spec.train_zero_point)
+    if not fakes:
+        raise ValueError("E2E-OQP: the model has no GQSALinear layer; compress it first")
+    requires = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    scales = [m.scale for m in fakes]
+    zeros = [m.zero_point for m in fakes if isinstance(m.zero_point, nn.Parameter)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in scales + zeros:
+        p.requires_grad_(True)
+    checkpointing = spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if checkpointing:
+        _checkpointing(model, True)
+    model.train()  # transformers applies gradient checkpointing in training mode; these models have no dropout
+
+    def window_loss(i: int) -> torch.Tensor:
+        ids = calib_ids[i : i + 1]
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    try:
+        groups = [{"params": scales, "lr": spec.lr, "weight_decay": 0.0}]
+        if zeros:
+            groups.append({"params": zeros, "lr": spec.lr_zero_point, "weight_decay": 0.0})
+        result = fit(groups, window_loss, calib_ids.shape[0],
+                     spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, spec.seed,
+                     label="E2E-OQP")
+    finally:
+        if checkpointing:
+            _checkpointing(model, False)
+        model.train(was_training)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            _swap_all(model, to_fake=False)
+    logger.info("E2E-OQP: held-out loss %.4f -> %.4f (%d epochs)", result["loss_before"], result["loss_after"],
+                result["epochs_run"])
+    return {**result, "layers": len(fakes)}

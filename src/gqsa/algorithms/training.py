@@ -1,0 +1,92 @@
+"""The training loop shared by BQPO and E2E-OQP: AdamW, cosine schedule, gradient clipping, gradient
+accumulation over windows, early stopping on held-out windows with the best state restored."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def fit(
+    param_groups: list[dict],
+    window_loss: Callable[[int], torch.Tensor],
+    n_windows: int,
+    epochs: int,
+    batch_size: int,
+    grad_clip: float,
+    val_windows: int,
+    patience: int,
+    seed: int,
+    label: str = "training",
+) -> dict:
+    """Minimise the mean of ``window_loss(i)`` over training windows.
+
+    Args:
+        param_groups: AdamW parameter groups ({"params": [...], "lr": ..., "weight_decay": ...}); only these
+            parameters get gradients (the caller sets ``requires_grad``).
+        window_loss: loss of window i (a differentiable scalar).
+        n_windows: windows 0..n-1; the last ``val_windows`` are held out when at least one is left to train on.
+        epochs, batch_size (windows per optimizer step), grad_clip (0 = none), patience (epochs without a lower
+        held-out loss before stopping), seed (window order).
+
+    Returns:
+        {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
+        The parameters end at the state with the lowest held-out loss, the starting point included.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    n_val = val_windows if val_windows < n_windows else 0
+    train_idx = torch.arange(n_windows - n_val)
+    val_idx = list(range(n_windows - n_val, n_windows)) or train_idx.tolist()
+    total = max(1, epochs * math.ceil(len(train_idx) / batch_size))
+    opt = torch.optim.AdamW(param_groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+    gen = torch.Generator().manual_seed(seed)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(window_loss(i)) for i in val_idx) / len(val_idx)
+
+    before = best = held_out()
+    best_state = [p.detach().clone() for p in params]
+    bad = epochs_run = steps = 0
+    try:
+        for _ in range(epochs):
+            order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
+            train_loss = 0.0
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    for i in batch:
+                        loss = window_loss(i)
+                        (loss / len(batch)).backward()
+                        train_loss += float(loss.detach()) / len(order)
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                sched.step()
+                steps += 1
+            epochs_run += 1
+            loss = held_out()
+            logger.debug("%s epoch %d: train loss %.4g, held-out loss %.4g (start %.4g)", label, epochs_run,
+                         train_loss, loss, before)
+            if loss < best:
+                best, bad = loss, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+    return {"loss_before": before, "loss_after": best, "epochs_run": epochs_run, "steps": steps}
