@@ -114,6 +114,8 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
         (("--preset", "2of4-sparsegpt", "--bits", "4"), "leaves the kept weights in float; --bits"),
         (("--preset", "s50-wanda", "--pattern", "3:4", "--sparsity", "0.5"), "ratio must be 0.25"),
         (("--activation-budget-mb", "-1"), "--activation-budget-mb must be >= 0"),
+        (("--bqpo-epochs", "-1"), "BQPOSpec.epochs"),
+        (("--method", "magnitude", "--e2e-epochs", "1"), "E2E-OQP"),
         (("--calib-samples", 0), "samples must be a positive integer"),
     ],
 )
@@ -169,3 +171,15 @@ def test_model_allocation_through_the_cli(capsys, dense_dir, text_file, tmp_path
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["activation_budget_bytes"] == 0 and len(report["groups_pruned_per_layer"]) == 14
+
+
+def test_bqpo_and_e2e_flags_reach_the_config_and_the_report(capsys, dense_dir, text_file, tmp_path):
+    out_dir = tmp_path / "trained"
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--bqpo-epochs", 1, "--bqpo-lr-weight",
+                        1e-4, "--e2e-epochs", 1, "--e2e-lr", 1e-4, "--e2e-zero-point", *calib(text_file))
+    assert code == 0, err
+    cfg = json.loads((out_dir / "compress_config.json").read_text())
+    assert cfg["bqpo"]["epochs"] == 1 and cfg["bqpo"]["lr_weight"] == 1e-4
+    assert cfg["e2e"] == {**cfg["e2e"], "epochs": 1, "lr": 1e-4, "train_zero_point": True}
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["bqpo_blocks"]) == 2 and "loss_after" in report["e2e"]

@@ -47,6 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
     c.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, help="seed of the calibration window sampler (default 0)")
+    c.add_argument("--bqpo-epochs", type=int, help="block-wise training epochs after the one-shot step (0 = off)")
+    c.add_argument("--bqpo-lr-weight", type=float, help="BQPO learning rate of the weights")
+    c.add_argument("--bqpo-lr-qparams", type=float, help="BQPO learning rate of scales and zero points")
+    c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off)")
+    c.add_argument("--e2e-lr", type=float, help="E2E-OQP learning rate of the scales")
+    c.add_argument("--e2e-zero-point", action="store_true", help="E2E-OQP also trains the zero points")
     c.add_argument("--activation-budget-mb", type=int, default=None,
                    help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
     c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
@@ -114,6 +120,10 @@ def _resolve_compress_config(args):
         calib=_override(cfg.calib, dataset=args.calib_dataset, samples=args.calib_samples, seq_len=args.seq_len,
                         seed=args.seed),
         oneshot=_override(cfg.oneshot, saliency=args.saliency, damp=args.damp),
+        bqpo=_override(cfg.bqpo, epochs=args.bqpo_epochs, lr_weight=args.bqpo_lr_weight,
+                       lr_qparams=args.bqpo_lr_qparams),
+        e2e=_override(cfg.e2e, epochs=args.e2e_epochs, lr=args.e2e_lr,
+                      train_zero_point=True if args.e2e_zero_point else None),
     )
 
 
