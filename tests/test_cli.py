@@ -183,3 +183,33 @@ def test_bqpo_and_e2e_flags_reach_the_config_and_the_report(capsys, dense_dir, t
     assert cfg["e2e"] == {**cfg["e2e"], "epochs": 1, "lr": 1e-4, "train_zero_point": True}
     report = json.loads((out_dir / "report.json").read_text())
     assert len(report["bqpo_blocks"]) == 2 and "loss_after" in report["e2e"]
+    assert not (out_dir / ".gqsa-progress").exists()  # the finished checkpoint replaced the progress
+
+
+def test_compress_resumes_from_progress_left_in_the_output(capsys, dense_dir, text_file, tmp_path, monkeypatch):
+    import gqsa.algorithms.bqpo as bqpo
+
+    flags = ("--bqpo-epochs", 1, *calib(text_file))
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "full", *flags)
+    assert code == 0, err
+    real = bqpo._compress_and_train
+
+    def dies_on_block_1(block, prefix, b, *args):
+        if b == 1:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while block 1 was training
+        return real(block, prefix, b, *args)
+
+    out_dir = tmp_path / "resumed"
+    monkeypatch.setattr(bqpo, "_compress_and_train", dies_on_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(a) for a in ("compress", dense_dir, "--out", out_dir, *flags)])
+    progress = out_dir / ".gqsa-progress"
+    assert sorted(p.name for p in out_dir.iterdir()) == [".gqsa-progress"]  # a consistent directory
+    assert (progress / "block_0000.json").exists() and not (progress / "block_0001.json").exists()
+    monkeypatch.setattr(bqpo, "_compress_and_train", real)
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, *flags)  # the same command again
+    assert code == 0, err
+    assert not progress.exists()
+    a = json.loads((out_dir / "gqsa_config.json").read_text())["weights"]["tensors"]
+    b = json.loads((tmp_path / "full" / "gqsa_config.json").read_text())["weights"]["tensors"]
+    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}

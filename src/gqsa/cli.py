@@ -181,6 +181,19 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+PROGRESS_DIR = ".gqsa-progress"
+
+
+def _drop_stale_progress(progress_dir: Path, config) -> None:
+    """With --overwrite, progress of a run with other settings is deleted (same settings: it is resumed)."""
+    import shutil
+
+    marker = progress_dir / "progress.json"
+    recorded = json.loads(marker.read_text()).get("config") if marker.exists() else None
+    if recorded != config.to_dict():
+        shutil.rmtree(progress_dir, ignore_errors=True)
+
+
 def cmd_compress(args) -> int:
     import gqsa
     from gqsa.compress import calibration_ids, compress_model
@@ -190,8 +203,12 @@ def cmd_compress(args) -> int:
 
     config = _resolve_compress_config(args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    progress_dir = out / PROGRESS_DIR
+    only_progress = out.exists() and {p.name for p in out.iterdir()} <= {PROGRESS_DIR}
+    if out.exists() and any(out.iterdir()) and not only_progress and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if args.overwrite and progress_dir.exists():
+        _drop_stale_progress(progress_dir, config)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     dense = model_summary(model)["model_bytes"]
@@ -202,7 +219,8 @@ def cmd_compress(args) -> int:
     budget = _activation_budget_bytes(args.activation_budget_mb)
     report["activation_budget_bytes"] = budget
     report.update(compress_model(model, config, calib_ids=calib_ids, activation_budget_bytes=budget,
-                                 offload_dir=args.offload_dir))
+                                 offload_dir=args.offload_dir,
+                                 progress_dir=str(progress_dir) if config.bqpo.epochs else None))
     if args.eval:
         report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
     if args.sample_prompt:
@@ -210,10 +228,11 @@ def cmd_compress(args) -> int:
                             "completion": _generate(model, tokenizer, args.sample_prompt, 48)}
     report["dense_model_bytes"] = dense
     packed = config.sparsity.pattern == "group"
+    replace = args.overwrite or only_progress or progress_dir.exists()  # progress is dropped with the old dir
     if packed:
-        gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
+        gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=replace)
     else:
-        save_pruned(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite)
+        save_pruned(model, tokenizer, out, compression=config.to_dict(), overwrite=replace)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(out / "compress_config.json", config.to_json() + "\n")
     if args.json:

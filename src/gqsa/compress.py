@@ -153,7 +153,8 @@ def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: tor
 
 
 def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool,
-                         store: dict) -> tuple[list[dict], dict | None, list[dict] | None]:
+                         store: dict, progress_dir: str | None = None
+                         ) -> tuple[list[dict], dict | None, list[dict] | None]:
     from gqsa.algorithms.allocation import allocate_counts
     from gqsa.algorithms.blockwise import compress_blockwise
 
@@ -164,8 +165,14 @@ def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: to
     compress_linear = _layer_compressor(config, counts)
     if config.bqpo.epochs:
         from gqsa.algorithms.bqpo import compress_blockwise_bqpo
+        from gqsa.algorithms.progress import BlockProgress, fingerprint
 
-        layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo, progress, **store)
+        checkpoint = None
+        if progress_dir is not None:
+            checkpoint = BlockProgress(progress_dir, fingerprint(config.to_dict(), calib_ids, model.config.to_dict()),
+                                       config=config.to_dict())
+        layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo, progress,
+                                                 checkpoint=checkpoint, **store)
         return layers, counts, blocks
     return compress_blockwise(model, calib_ids, compress_linear, progress=progress, **store), counts, None
 
@@ -190,6 +197,7 @@ def compress_model(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    progress_dir: str | None = None,
 ) -> dict:
     """Compress every decoder linear layer of ``model`` in place.
 
@@ -201,6 +209,8 @@ def compress_model(
         progress: show progress bars.
         activation_budget_bytes: memory for calibration activations; the rest goes to ``offload_dir`` (default:
             the system temporary directory). None = no limit.
+        progress_dir: with BQPO, every finished block is saved here, and blocks already saved there by an
+            interrupted run with the same settings are replayed (``gqsa.algorithms.progress``).
 
     Returns:
         A report: the config, per-layer results, model summary, wall time and peak memory; with allocation
@@ -221,7 +231,7 @@ def compress_model(
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
                              "see gqsa.compress.calibration_ids")
         store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
-        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store)
+        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, progress_dir)
     e2e = None
     if config.e2e.epochs:
         from gqsa.algorithms.e2e_oqp import e2e_oqp

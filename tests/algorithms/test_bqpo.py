@@ -116,3 +116,44 @@ def test_full_pipeline_one_shot_bqpo_e2e_reports_each_stage():
     model, report = _run(cfg, calib)
     assert len(report["bqpo_blocks"]) == 2 and report["e2e"]["loss_after"] <= report["e2e"]["loss_before"]
     assert len(packed_layers(model)) == 14 and report["summary"]["sparsity"] == 0.5
+
+
+def test_a_run_killed_after_a_block_resumes_to_the_uninterrupted_result(runs, tmp_path, monkeypatch):
+    import gqsa.algorithms.bqpo as bqpo
+
+    out, calib = runs
+    cfg = _config(6).replace(calib=CalibSpec(samples=12, seq_len=32))
+    real = bqpo._compress_and_train
+    calls = []
+
+    def dies_on_block_1(block, prefix, b, *args):
+        calls.append(b)
+        if b == 1:
+            raise KeyboardInterrupt  # as if the process were stopped while training block 1
+        return real(block, prefix, b, *args)
+
+    monkeypatch.setattr(bqpo, "_compress_and_train", dies_on_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0000.json", "block_0000.safetensors",
+                                                          "progress.json"]
+    monkeypatch.setattr(bqpo, "_compress_and_train", real)
+    calls.clear()
+    model = tiny_model("llama")
+    report = compress_model(model, cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
+    reference_model, reference_report = out[6][0], out[6][1]
+    for name, layer in packed_layers(model).items():
+        ref = packed_layers(reference_model)[name].packed_weight()
+        for tname, t in layer.packed_weight().tensors().items():
+            assert torch.equal(t, ref.tensors()[tname]), (name, tname)
+    assert report["bqpo_blocks"] == reference_report["bqpo_blocks"]
+    assert report["layers"] == reference_report["layers"]
+
+
+def test_progress_of_other_settings_is_refused(runs, tmp_path):
+    _, calib = runs
+    cfg = _config(1)
+    compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        compress_model(tiny_model("llama"), _config(2), calib_ids=calib, progress=False,
+                       progress_dir=str(tmp_path))

@@ -33,9 +33,11 @@ from gqsa.algorithms.blockwise import (
     run_block,
     store_factory,
 )
+from gqsa.algorithms.progress import BlockProgress
 from gqsa.algorithms.reports import layer_report
 from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
+from gqsa.models.compressed import set_submodule
 from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
 from gqsa.nn.fake_quant import FakeQuantLinear
 from gqsa.nn.packed_linear import GQSALinear
@@ -45,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 def _swap(block: nn.Module, to_fake: bool) -> list[FakeQuantLinear]:
     """GQSALinear -> FakeQuantLinear (mode "weights"), or back; returns the trainable layers."""
-    from gqsa.models.compressed import set_submodule
-
     fakes = []
     for name, module in block_projections(block).items():
         if to_fake and isinstance(module, GQSALinear):
@@ -101,12 +101,14 @@ def compress_blockwise_bqpo(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    checkpoint: BlockProgress | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """One-shot compression then BQPO, block by block (see the module docstring).
 
     Args:
         compress_linear: the one-shot step for one layer (as for ``compress_blockwise``).
         spec: BQPO settings (``spec.epochs`` > 0).
+        checkpoint: where finished blocks are saved; blocks already there are replayed instead of recomputed.
 
     Returns:
         (report per layer: errors after BQPO, and the one-shot errors as ``oneshot_*``; BQPO statistics per
@@ -120,20 +122,19 @@ def compress_blockwise_bqpo(
         for b, block in enumerate(tqdm(decoder_layers(model), desc="compressing + BQPO", disable=not progress)):
             kw = block_kwargs[b]
             targets = run_block(block, fp_in, kw, new_store())
-            stats = collect_block_hessians(block, q_in, kw)
-            dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
-            prefix = block_prefix(model, b)
-            oneshot = compress_block_linears(block, prefix, stats, compress_linear)
-            _swap(block, to_fake=True)
-            result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
-            _swap(block, to_fake=False)
-            for (name, module), first in zip(block_projections(block).items(), oneshot):
-                final = layer_report(f"{prefix}.{name}", dense[name], module.packed_weight(), stats[name].hessian)
-                reports.append({**final, **{f"oneshot_{k}": first[k] for k in ("relative_error", "output_error")
-                                            if k in first}})
-            block_stats.append({"block": b, **result})
-            logger.info("block %d BQPO: block output MSE %.4g -> %.4g (%d epochs)", b, result["loss_before"],
-                        result["loss_after"], result["epochs_run"])
+            if checkpoint is not None and checkpoint.done(b):
+                layers, record = checkpoint.load(b, device=next(block.parameters()).device)
+                for name, module in layers.items():
+                    set_submodule(block, name, module)
+                reports += record["layers"]
+                block_stats.append(record["bqpo"])
+                logger.info("block %d: finished in an earlier run, replayed from %s", b, checkpoint.directory)
+            else:
+                first = len(reports)
+                block_stats.append(_compress_and_train(block, block_prefix(model, b), b, kw, q_in, targets,
+                                                       compress_linear, spec, reports))
+                if checkpoint is not None:
+                    checkpoint.save(b, block_projections(block), {"layers": reports[first:], "bqpo": block_stats[-1]})
             q_out = run_block(block, q_in, kw, new_store())
             if fp_in is not q_in:
                 fp_in.close()
@@ -143,3 +144,23 @@ def compress_blockwise_bqpo(
         q_in.close()
         fp_in.close()
     return reports, block_stats
+
+
+def _compress_and_train(
+    block: nn.Module, prefix: str, b: int, kw: dict, q_in: ActivationStore, targets: ActivationStore,
+    compress_linear: CompressLinearFn, spec: BQPOSpec, reports: list[dict],
+) -> dict:
+    """One-shot then BQPO for one block; appends the final per-layer reports; returns the block's statistics."""
+    stats = collect_block_hessians(block, q_in, kw)
+    dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
+    oneshot = compress_block_linears(block, prefix, stats, compress_linear)
+    _swap(block, to_fake=True)
+    result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
+    _swap(block, to_fake=False)
+    for (name, module), first in zip(block_projections(block).items(), oneshot):
+        final = layer_report(f"{prefix}.{name}", dense[name], module.packed_weight(), stats[name].hessian)
+        reports.append({**final, **{f"oneshot_{k}": first[k] for k in ("relative_error", "output_error")
+                                    if k in first}})
+    logger.info("block %d BQPO: block output MSE %.4g -> %.4g (%d epochs)", b, result["loss_before"],
+                result["loss_after"], result["epochs_run"])
+    return {"block": b, **result}
