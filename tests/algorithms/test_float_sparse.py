@@ -2,33 +2,13 @@
 
 import pytest
 import torch
+from problems import correlated_inputs, hessian, output_error
 from tiny import tiny_model
 
 from gqsa.algorithms.float_sparse import magnitude_prune, sparsegpt_prune, wanda_prune
-from gqsa.algorithms.hessian import HessianAccumulator, damped_inverse_cholesky
+from gqsa.algorithms.hessian import damped_inverse_cholesky
 from gqsa.format.float_sparse import float_sparse_bits_per_weight
 from gqsa.quant.masks import nm_mask
-
-
-def _inputs(tokens=1024, k=64, seed=0, skew=False):
-    """Correlated inputs (as real activations are); with ``skew`` a few columns are much larger (outliers)."""
-    gen = torch.Generator().manual_seed(seed)
-    basis = torch.randn(k // 4, k, generator=gen)
-    x = torch.randn(tokens, k // 4, generator=gen) @ basis + 0.1 * torch.randn(tokens, k, generator=gen)
-    if skew:
-        x[:, :: 8] *= 20.0
-    return x
-
-
-def _hessian(x):
-    acc = HessianAccumulator(x.shape[1])
-    acc.add(x)
-    return acc.hessian
-
-
-def _out_err(w, wp, h):
-    d = wp - w
-    return float(((d @ h) * d).sum())
 
 
 def test_nm_mask_keeps_exactly_n_of_every_m_and_the_largest():
@@ -44,8 +24,8 @@ def test_nm_mask_keeps_exactly_n_of_every_m_and_the_largest():
 @pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
 def test_every_method_meets_the_pattern_exactly(nm):
     torch.manual_seed(0)
-    x = _inputs()
-    h = _hessian(x)
+    x = correlated_inputs(1024)
+    h = hessian(x)
     _, chol, _ = damped_inverse_cholesky(h)
     w = torch.randn(24, 64)
     for pruned, mask in (magnitude_prune(w, 0.5, nm), wanda_prune(w, h, 0.5, nm),
@@ -69,25 +49,25 @@ def test_row_allocation_prunes_every_row_equally():
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_sparsegpt_compensation_beats_the_same_mask_without_update_and_wanda(nm):
     torch.manual_seed(0)
-    x = _inputs()
-    h = _hessian(x)
+    x = correlated_inputs(1024)
+    h = hessian(x)
     _, chol, _ = damped_inverse_cholesky(h)
     w = torch.randn(32, 64)
     pruned, mask = sparsegpt_prune(w, chol, 0.5, nm, allocation="row", block_size=32)
     no_update = w * mask  # the same mask, kept weights untouched: what the sweep would give without compensation
     wanda, _ = wanda_prune(w, h, 0.5, nm)
-    assert _out_err(w, pruned, h) < 0.7 * _out_err(w, no_update, h)
-    assert _out_err(w, pruned, h) < 0.7 * _out_err(w, wanda, h)
+    assert output_error(w, pruned, h) < 0.7 * output_error(w, no_update, h)
+    assert output_error(w, pruned, h) < 0.7 * output_error(w, wanda, h)
 
 
 def test_wanda_beats_magnitude_when_input_columns_have_outliers():
     torch.manual_seed(0)
-    x = _inputs(skew=True)
-    h = _hessian(x)
+    x = correlated_inputs(1024, outlier_columns=True)
+    h = hessian(x)
     w = torch.randn(32, 64)
     wanda, _ = wanda_prune(w, h, 0.5)
     magnitude, _ = magnitude_prune(w, 0.5)
-    assert _out_err(w, wanda, h) < 0.5 * _out_err(w, magnitude, h)
+    assert output_error(w, wanda, h) < 0.5 * output_error(w, magnitude, h)
 
 
 def test_fp16_sparse_storage_accounting():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from problems import correlated_inputs, hessian, output_error
 from tiny import tiny_model
 
 from gqsa.algorithms.hessian import HessianAccumulator, SingularHessianError, damped_inverse_cholesky
@@ -10,24 +11,6 @@ from gqsa.format.packed import PackedWeight
 from gqsa.quant.groups import expand_group_mask
 from gqsa.quant.masks import select_groups
 from gqsa.quant.saliency import group_saliency, obs_diag_group_saliency, obs_group_saliency
-
-
-def _correlated_inputs(tokens=512, k=64, seed=0):
-    """Inputs with strongly correlated columns (as real activations are), so compensation has work to do."""
-    gen = torch.Generator().manual_seed(seed)
-    basis = torch.randn(k // 4, k, generator=gen)
-    return torch.randn(tokens, k // 4, generator=gen) @ basis + 0.1 * torch.randn(tokens, k, generator=gen)
-
-
-def _hessian(x):
-    acc = HessianAccumulator(x.shape[1])
-    acc.add(x)
-    return acc.hessian
-
-
-def _output_error(w, wq, h):
-    d = wq - w
-    return float(((d @ h) * d).sum())
 
 
 def test_hessian_accumulator_is_2_over_n_xtx_in_any_chunking():
@@ -43,7 +26,7 @@ def test_hessian_accumulator_is_2_over_n_xtx_in_any_chunking():
 def test_damped_inverse_handles_dead_columns_and_rejects_nan():
     x = torch.randn(100, 8)
     x[:, 3] = 0  # an input column that is never active
-    h = _hessian(x)
+    h = hessian(x)
     hinv, chol, dead = damped_inverse_cholesky(h)
     assert dead.tolist() == [i == 3 for i in range(8)]
     torch.testing.assert_close(chol.T @ chol, hinv, rtol=1e-4, atol=1e-5)
@@ -61,8 +44,8 @@ def test_damped_inverse_raises_dampening_for_indefinite_matrices():
 
 def test_obs_saliency_is_the_output_error_of_removing_a_group_with_optimal_compensation():
     torch.manual_seed(0)
-    x = _correlated_inputs(k=32)
-    h = _hessian(x) + 1e-3 * torch.eye(32)
+    x = correlated_inputs(k=32)
+    h = hessian(x) + 1e-3 * torch.eye(32)
     hinv = torch.linalg.inv(h)
     w = torch.randn(1, 32)
     scores = obs_group_saliency(w, hinv, 8)  # (1, 4)
@@ -74,12 +57,12 @@ def test_obs_saliency_is_the_output_error_of_removing_a_group_with_optimal_compe
         new_rest = w[:, rest] + (w[:, cols] @ h_rg.T) @ torch.linalg.inv(h_rr)
         wq = torch.zeros_like(w)
         wq[:, rest] = new_rest
-        torch.testing.assert_close(torch.tensor(_output_error(w, wq, h)), scores[0, grp], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(output_error(w, wq, h)), scores[0, grp], rtol=1e-3, atol=1e-5)
 
 
 def test_diag_and_wanda_saliencies_match_their_formulas():
     torch.manual_seed(1)
-    w, h = torch.randn(3, 16), _hessian(torch.randn(64, 16))
+    w, h = torch.randn(3, 16), hessian(torch.randn(64, 16))
     hinv = torch.linalg.inv(h + 0.01 * torch.eye(16))
     torch.testing.assert_close(
         obs_diag_group_saliency(w, hinv, 8), (w**2 / torch.diagonal(hinv)).reshape(3, 2, 8).sum(-1)
@@ -93,15 +76,15 @@ def test_diag_and_wanda_saliencies_match_their_formulas():
 
 def test_compensation_lowers_output_error_against_round_to_nearest_with_the_same_mask():
     torch.manual_seed(2)
-    x = _correlated_inputs(k=64)
-    h = _hessian(x)
+    x = correlated_inputs(k=64)
+    h = hessian(x)
     w = torch.randn(32, 64)
     hinv, chol, _ = damped_inverse_cholesky(h)
     mask = select_groups(group_saliency("obs", w, h, hinv, 16), 0.5, "row")
     for bits in (2, 4):
         compensated = gqsa_oneshot_linear(w, h, hinv, chol, bits, 16, 0.5, mask=mask).dequantize()
         rtn = PackedWeight.pack(*_rtn(w, mask, bits), mask, bits).dequantize()
-        assert _output_error(w, compensated, h) < 0.7 * _output_error(w, rtn, h), bits
+        assert output_error(w, compensated, h) < 0.7 * output_error(w, rtn, h), bits
 
 
 def _rtn(w, mask, bits):
@@ -114,24 +97,24 @@ def _rtn(w, mask, bits):
 
 def test_obs_saliency_beats_magnitude_masks_on_skewed_inputs():
     torch.manual_seed(3)
-    x = _correlated_inputs(k=64)
+    x = correlated_inputs(k=64)
     x[:, :16] *= 20.0  # the first group of inputs carries most of the signal
-    h = _hessian(x)
+    h = hessian(x)
     w = torch.randn(32, 64)
     w[:, :16] *= 0.2  # ... through small weights that magnitude pruning would drop
     hinv, chol, _ = damped_inverse_cholesky(h)
     errors = {}
     for kind in ("obs", "magnitude"):
         packed = gqsa_oneshot_linear(w, h, hinv, chol, 8, 16, 0.5, saliency=kind)
-        errors[kind] = _output_error(w, packed.dequantize(), h)
+        errors[kind] = output_error(w, packed.dequantize(), h)
     assert errors["obs"] < 0.5 * errors["magnitude"]
 
 
 @pytest.mark.parametrize("bits,symmetric", [(3, False), (4, True), (8, False)])
 def test_sweep_output_is_on_the_grid_and_pruned_groups_are_zero(bits, symmetric):
     torch.manual_seed(4)
-    x = _correlated_inputs(k=48)
-    h = _hessian(x)
+    x = correlated_inputs(k=48)
+    h = hessian(x)
     w = torch.randn(10, 48)
     hinv, chol, _ = damped_inverse_cholesky(h)
     mask = select_groups(torch.rand(10, 3), 1 / 3, "matrix")
@@ -147,15 +130,15 @@ def test_sweep_output_is_on_the_grid_and_pruned_groups_are_zero(bits, symmetric)
 
 def test_zero_sparsity_is_gptq_and_beats_rtn():
     torch.manual_seed(5)
-    x = _correlated_inputs(k=64)
-    h = _hessian(x)
+    x = correlated_inputs(k=64)
+    h = hessian(x)
     w = torch.randn(16, 64)
     hinv, chol, _ = damped_inverse_cholesky(h)
     full = torch.ones(16, 4, dtype=torch.bool)
     gptq = gqsa_oneshot_linear(w, h, hinv, chol, 3, 16, 0.0)
     assert gptq.nnz == 16 * 4
     rtn = PackedWeight.pack(*_rtn(w, full, 3), full, 3)
-    assert _output_error(w, gptq.dequantize(), h) < _output_error(w, rtn.dequantize(), h)
+    assert output_error(w, gptq.dequantize(), h) < output_error(w, rtn.dequantize(), h)
 
 
 def test_blockwise_compression_of_a_tiny_model_beats_magnitude():
