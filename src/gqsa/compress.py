@@ -127,6 +127,18 @@ def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | Non
     return gqsa_layer if config.method == "gqsa" else float_layer
 
 
+def _final_report(config: CompressConfig):
+    """A layer's report after BQPO: packed layers by ``layer_report``, float-pruned ones by ``float_layer_report``."""
+
+    def report(name: str, dense: torch.Tensor, module: nn.Module, hessian: torch.Tensor) -> dict:
+        if isinstance(module, GQSALinear):
+            return layer_report(name, dense, module.packed_weight(), hessian)
+        w = module.weight.detach()
+        return float_layer_report(name, dense, w, w != 0, config.sparsity.pattern, hessian)
+
+    return report
+
+
 def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool = True,
                         **store) -> dict:
     """Per layer, the sorted normalised group saliencies of the dense model (``SensitivityCurve``).
@@ -171,8 +183,8 @@ def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: to
         if progress_dir is not None:
             checkpoint = BlockProgress(progress_dir, fingerprint(config.to_dict(), calib_ids, model.config.to_dict()),
                                        config=config.to_dict())
-        layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo, progress,
-                                                 checkpoint=checkpoint, **store)
+        layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo,
+                                                 _final_report(config), progress, checkpoint=checkpoint, **store)
         return layers, counts, blocks
     return compress_blockwise(model, calib_ids, compress_linear, progress=progress, **store), counts, None
 

@@ -353,7 +353,8 @@ class CompressConfig(_Config):
         sparsity: the SparsitySpec.
         calib: the CalibSpec (unused by data-free methods, recorded anyway).
         oneshot: the OneShotSpec of method "gqsa".
-        bqpo: the BQPOSpec (block-wise training after the one-shot step; method "gqsa" only, off by default).
+        bqpo: the BQPOSpec (block-wise training after the one-shot step, off by default; for "sparsegpt" and
+            "wanda" it reconstructs the kept float weights with the mask fixed).
         e2e: the E2ESpec (end-to-end training of scales after that; method "gqsa" only, off by default).
         version: config schema version; files written by another version are rejected with a clear error.
     """
@@ -385,9 +386,9 @@ class CompressConfig(_Config):
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"CompressConfig.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
         pattern = self.sparsity.pattern
-        if self.bqpo.epochs and self.method != "gqsa":
-            raise ValueError(f"CompressConfig: BQPO (bqpo.epochs > 0) trains GQSA layers; method {self.method!r} "
-                             "has none")
+        if self.bqpo.epochs and self.method == "magnitude":
+            raise ValueError("CompressConfig: BQPO (bqpo.epochs > 0) follows a calibrated method (gqsa, sparsegpt, "
+                             "wanda); method 'magnitude' is data-free")
         if self.e2e.epochs and self.method != "gqsa":
             raise ValueError(f"CompressConfig: E2E-OQP (e2e.epochs > 0) trains GQSA layers; method {self.method!r} "
                              "has none")

@@ -157,3 +157,30 @@ def test_progress_of_other_settings_is_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         compress_model(tiny_model("llama"), _config(2), calib_ids=calib, progress=False,
                        progress_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("preset_name", ["2of4-sparsegpt", "s50-wanda"])
+def test_bqpo_reconstructs_float_baselines_with_their_masks_fixed(preset_name):
+    from gqsa.config import preset
+    from gqsa.models.adapter import compressible_linears
+
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (12, 32), generator=gen)
+    base = preset(preset_name).replace(calib=CalibSpec(samples=12, seq_len=32))
+    masks = {}
+    for epochs in (0, 6):
+        cfg = base.replace(bqpo=_config(epochs).bqpo)
+        model = tiny_model("llama")
+        report = compress_model(model, cfg, calib_ids=calib, progress=False)
+        masks[epochs] = {n: m.weight != 0 for n, m in compressible_linears(model).items()}
+    assert all(type(m) is torch.nn.Linear for m in compressible_linears(model).values())
+    for b in report["bqpo_blocks"]:
+        assert b["loss_after"] < 0.99 * b["loss_before"], b
+    for name, mask in masks[6].items():
+        if name.startswith("model.layers.0."):  # same inputs as the untrained run: the same mask
+            assert torch.equal(mask, masks[0][name]), name
+        assert mask.float().mean() <= 0.5
+    if preset_name == "2of4-sparsegpt":
+        w = compressible_linears(model)["model.layers.1.mlp.down_proj"].weight
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert report["summary"]["bits_per_weight"] <= 9.0

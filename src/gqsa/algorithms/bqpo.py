@@ -1,5 +1,9 @@
 """BQPO (Block Quantization-Pruning Optimization): block-wise training after the one-shot step.
 
+The same loop gives the float pruning baselines (SparseGPT, Wanda) their block-wise weight reconstruction with
+the mask fixed (MaskedLinear), and dense W2/W3 GQSA at sparsity 0 the EfficientQAT Block-AP recipe, so trained
+methods are compared with trained baselines.
+
 For each decoder block b, in order:
 
     targets  = dense block b on the dense inputs            (what the block should output)
@@ -17,6 +21,7 @@ go to disk (ActivationStore).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,29 +39,32 @@ from gqsa.algorithms.blockwise import (
     store_factory,
 )
 from gqsa.algorithms.progress import BlockProgress
-from gqsa.algorithms.reports import layer_report
 from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
 from gqsa.models.compressed import set_submodule
 from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
 from gqsa.nn.fake_quant import FakeQuantLinear
+from gqsa.nn.masked_linear import MaskedLinear
 from gqsa.nn.packed_linear import GQSALinear
 
 logger = logging.getLogger(__name__)
 
+# (full layer name, dense weight (N, K), compressed module, H) -> the layer's report after training
+FinalReportFn = Callable[[str, torch.Tensor, nn.Module, torch.Tensor], dict]
 
-def _swap(block: nn.Module, to_fake: bool) -> list[FakeQuantLinear]:
-    """GQSALinear -> FakeQuantLinear (mode "weights"), or back; returns the trainable layers."""
-    fakes = []
+
+def _swap(block: nn.Module, to_trainable: bool) -> None:
+    """Compressed layers -> trainable ones (GQSALinear -> FakeQuantLinear "weights", pruned nn.Linear ->
+    MaskedLinear), or back."""
     for name, module in block_projections(block).items():
-        if to_fake and isinstance(module, GQSALinear):
-            fake = FakeQuantLinear.from_module(module, mode="weights")
-            set_submodule(block, name, fake)
-            fakes.append(fake)
-        elif not to_fake and isinstance(module, FakeQuantLinear):
-            bias = None if module.bias is None else module.bias
-            set_submodule(block, name, GQSALinear.from_packed(module.to_packed(), bias))
-    return fakes
+        if to_trainable and isinstance(module, GQSALinear):
+            set_submodule(block, name, FakeQuantLinear.from_module(module, mode="weights"))
+        elif to_trainable and isinstance(module, nn.Linear):
+            set_submodule(block, name, MaskedLinear(module))
+        elif not to_trainable and isinstance(module, FakeQuantLinear):
+            set_submodule(block, name, GQSALinear.from_packed(module.to_packed(), module.bias))
+        elif not to_trainable and isinstance(module, MaskedLinear):
+            set_submodule(block, name, module.to_linear())
 
 
 def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,13 +74,15 @@ def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tenso
 def train_block(
     block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, spec: BQPOSpec, seed: int
 ) -> dict:
-    """Train the FakeQuantLinear layers of ``block`` so that block(inputs[i]) matches targets[i] (MSE).
+    """Train the FakeQuantLinear (or MaskedLinear) layers of ``block`` so that block(inputs[i]) matches
+    targets[i] (MSE).
 
     Weights train at ``spec.lr_weight`` and scales / zero points at ``spec.lr_qparams``; every other parameter
     of the block stays frozen. See ``gqsa.algorithms.training.fit`` for the loop and its early stopping.
     """
     fakes = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
-    weights = [m.weight for m in fakes]
+    masked = [m for m in block.modules() if isinstance(m, MaskedLinear)]
+    weights = [m.weight for m in fakes + masked]
     qparams = [p for m in fakes for p in (m.scale, m.zero_point) if isinstance(p, nn.Parameter)]
     requires = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
@@ -98,6 +108,7 @@ def compress_blockwise_bqpo(
     calib_ids: torch.Tensor,
     compress_linear: CompressLinearFn,
     spec: BQPOSpec,
+    final_report: FinalReportFn,
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
@@ -108,6 +119,7 @@ def compress_blockwise_bqpo(
     Args:
         compress_linear: the one-shot step for one layer (as for ``compress_blockwise``).
         spec: BQPO settings (``spec.epochs`` > 0).
+        final_report: the report of one layer after training (name, dense weight, module, H).
         checkpoint: where finished blocks are saved; blocks already there are replayed instead of recomputed.
 
     Returns:
@@ -132,7 +144,7 @@ def compress_blockwise_bqpo(
             else:
                 first = len(reports)
                 block_stats.append(_compress_and_train(block, block_prefix(model, b), b, kw, q_in, targets,
-                                                       compress_linear, spec, reports))
+                                                       compress_linear, spec, reports, final_report))
                 if checkpoint is not None:
                     checkpoint.save(b, block_projections(block), {"layers": reports[first:], "bqpo": block_stats[-1]})
             q_out = run_block(block, q_in, kw, new_store())
@@ -148,17 +160,17 @@ def compress_blockwise_bqpo(
 
 def _compress_and_train(
     block: nn.Module, prefix: str, b: int, kw: dict, q_in: ActivationStore, targets: ActivationStore,
-    compress_linear: CompressLinearFn, spec: BQPOSpec, reports: list[dict],
+    compress_linear: CompressLinearFn, spec: BQPOSpec, reports: list[dict], final_report: FinalReportFn,
 ) -> dict:
     """One-shot then BQPO for one block; appends the final per-layer reports; returns the block's statistics."""
     stats = collect_block_hessians(block, q_in, kw)
     dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
     oneshot = compress_block_linears(block, prefix, stats, compress_linear)
-    _swap(block, to_fake=True)
+    _swap(block, to_trainable=True)
     result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
-    _swap(block, to_fake=False)
+    _swap(block, to_trainable=False)
     for (name, module), first in zip(block_projections(block).items(), oneshot):
-        final = layer_report(f"{prefix}.{name}", dense[name], module.packed_weight(), stats[name].hessian)
+        final = final_report(f"{prefix}.{name}", dense[name], module, stats[name].hessian)
         reports.append({**final, **{f"oneshot_{k}": first[k] for k in ("relative_error", "output_error")
                                     if k in first}})
     logger.info("block %d BQPO: block output MSE %.4g -> %.4g (%d epochs)", b, result["loss_before"],
