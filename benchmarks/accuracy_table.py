@@ -1,14 +1,15 @@
-"""One-shot accuracy table: GQSA against every baseline, on one model, one calibration set, one evaluation.
+"""Accuracy table: GQSA against every baseline, one-shot and trained, on one model, one calibration set, one
+evaluation.
 
 Each row compresses a fresh copy of the model with one configuration (a preset plus overrides), then measures
 held-out perplexity on wiki and c4 with the documented protocol (gqsa.eval.heldout). Results are appended to a
 JSON file after every row, so an interrupted run resumes where it stopped (rows already measured with the same
 settings are skipped); ``--render`` rewrites the table in docs/RESULTS.md from that file.
 
-    python benchmarks/oneshot_table.py                      # every row (hours on 2 cores)
-    python benchmarks/oneshot_table.py --rows dense,w4s50-g16
-    python benchmarks/oneshot_table.py --extra llmc-gptq-w4g128=/path/to/hf_dir   # a peer library's output
-    python benchmarks/oneshot_table.py --render             # only regenerate the markdown table
+    python benchmarks/accuracy_table.py                      # every row (hours on 2 cores)
+    python benchmarks/accuracy_table.py --rows dense,w4s50-g16
+    python benchmarks/accuracy_table.py --extra llmc-gptq-w4g128=/path/to/hf_dir   # a peer library's output
+    python benchmarks/accuracy_table.py --render             # only regenerate the markdown table
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "oneshot_smollm2.json"
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy_smollm2.json"
 DOC = ROOT / "docs" / "RESULTS.md"
-BEGIN, END = "<!-- oneshot-table:begin -->", "<!-- oneshot-table:end -->"
+BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 # row name -> (preset, overrides of the preset as {spec: {field: value}}, table section)
 ROWS: dict[str, tuple[str | None, dict, str]] = {
@@ -45,6 +46,14 @@ ROWS: dict[str, tuple[str | None, dict, str]] = {
     "w4s50-g16-obs_diag": ("w4s50", {"oneshot": {"saliency": "obs_diag"}}, "W4S50 g16: saliency / allocation"),
     "w4s50-g16-wanda": ("w4s50", {"oneshot": {"saliency": "wanda"}}, "W4S50 g16: saliency / allocation"),
     "w4s50-g16-magnitude": ("w4s50", {"oneshot": {"saliency": "magnitude"}}, "W4S50 g16: saliency / allocation"),
+    # trained (issue 4): BQPO block by block, then E2E-OQP; the baselines get the same block-wise budget
+    **{f"w4s{r}-g16+bqpo": ("w4s50", {"sparsity": {"ratio": r / 100}, "bqpo": {"epochs": 2}}, "trained")
+       for r in (30, 40, 50, 60)},
+    **{f"w4s{r}-g16+bqpo+e2e": ("w4s50", {"sparsity": {"ratio": r / 100}, "bqpo": {"epochs": 2},
+                                          "e2e": {"epochs": 1}}, "trained") for r in (30, 40, 50, 60)},
+    "gptq-w2g64+bqpo": ("w2g64", {"bqpo": {"epochs": 2}}, "trained"),
+    "gptq-w2g64+bqpo+e2e": ("w2g64", {"bqpo": {"epochs": 2}, "e2e": {"epochs": 1}}, "trained"),
+    "2of4-sparsegpt+bqpo": ("2of4-sparsegpt", {"bqpo": {"epochs": 2}}, "trained"),
 }
 
 
