@@ -46,6 +46,10 @@ ROWS: dict[str, tuple[str | None, dict, str]] = {
     "w4s50-g16-obs_diag": ("w4s50", {"oneshot": {"saliency": "obs_diag"}}, "W4S50 g16: saliency / allocation"),
     "w4s50-g16-wanda": ("w4s50", {"oneshot": {"saliency": "wanda"}}, "W4S50 g16: saliency / allocation"),
     "w4s50-g16-magnitude": ("w4s50", {"oneshot": {"saliency": "magnitude"}}, "W4S50 g16: saliency / allocation"),
+    # why W4S50 loses to 2:4 one-shot: pruning alone (8-bit codes, ~lossless) and quantization alone (no pruning)
+    "w8s50-g16": ("w4s50", {"quant": {"bits": 8}}, "W4S50 g16 decomposed"),
+    "w4s0-g16": ("w4s50", {"sparsity": {"ratio": 0.0}}, "W4S50 g16 decomposed"),
+    "w8s50-g8": ("w4s50", {"quant": {"bits": 8, "group_size": 8}}, "W4S50 g16 decomposed"),
     # trained (issue 4): BQPO block by block, then E2E-OQP; the baselines get the same block-wise budget
     **{f"w4s{r}-g16+bqpo": ("w4s50", {"sparsity": {"ratio": r / 100}, "bqpo": {"epochs": 2}}, "trained")
        for r in (30, 40, 50, 60)},
