@@ -83,8 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks (kernels and end to end)")
-    b.add_argument("what", nargs="?", default="kernel")
+    b = sub.add_parser("bench", help="benchmarks (kernels and end to end)", add_help=False)
+    b.add_argument("what", nargs="?", default="kernel", help="kernel")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see gqsa bench kernel --help)")
     return parser
 
 
@@ -331,9 +332,18 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    print("gqsa bench: no benchmark ships in this version yet (kernel and end-to-end benchmarks come with the "
-          "native/Triton kernels)", file=sys.stderr)
-    return 2
+    if args.what in ("-h", "--help"):
+        print("usage: gqsa bench kernel [--shapes default-model|7b|13b] [--batch 1,4,16] [--json PATH] ...")
+        return 0
+    if args.what != "kernel":
+        print(f"gqsa bench: unknown benchmark {args.what!r}; available: kernel", file=sys.stderr)
+        return 2
+    try:
+        from gqsa.bench.kernel import main as kernel_main
+    except ImportError as exc:
+        print(f"gqsa bench kernel: the kernel benchmark is not available in this install ({exc})", file=sys.stderr)
+        return 2
+    return kernel_main(args.bench_args)
 
 
 def main(argv: list[str] | None = None) -> int:
