@@ -213,3 +213,13 @@ def test_compress_resumes_from_progress_left_in_the_output(capsys, dense_dir, te
     a = json.loads((out_dir / "gqsa_config.json").read_text())["weights"]["tensors"]
     b = json.loads((tmp_path / "full" / "gqsa_config.json").read_text())["weights"]["tensors"]
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+
+
+def test_bench_kernel_runs_through_the_cli(capsys, tmp_path):
+    out = tmp_path / "k.json"
+    code, stdout, err = _run(capsys, "bench", "kernel", "--shapes", "tiny", "--batch", "1", "--repeats", 1,
+                             "--min-calls", 1, "--cold-mib", 1, "--json", out)
+    assert code == 0, err
+    assert "| shape" in stdout and json.loads(out.read_text())["measurements"]
+    code, _, err = _run(capsys, "bench", "e2e")
+    assert code == 2 and "unknown benchmark 'e2e'" in err

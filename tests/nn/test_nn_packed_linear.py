@@ -39,8 +39,8 @@ def test_from_packed_forward_equals_the_op(symmetric, has_bias):
     assert layer.symmetric is symmetric and layer.nnz == p.nnz
     for x in (_x(3, K), _x(2, 5, K), _x(K)):
         y = layer(x)
-        assert torch.equal(y, packed_linear(x, p, bias))
-        assert torch.equal(y, F.linear(x, p.dequantize(), bias))
+        assert torch.equal(y, packed_linear(x, p, bias))  # the same backend: bit for bit
+        torch.testing.assert_close(y, F.linear(x, p.dequantize(), bias), rtol=1e-5, atol=1e-5)
 
 
 def test_from_packed_shares_tensors():
@@ -126,7 +126,9 @@ def test_bf16_layer_forward():
     x = _x(4, K, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, F.linear(x, p.dequantize(torch.bfloat16), _bias(torch.bfloat16)))
+    # bf16 output of an fp32-accurate product (kernels may keep the weight in fp32, the reference rounds it to bf16)
+    want = F.linear(x.float(), p.dequantize(), _bias(torch.bfloat16).float())
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
     with pytest.raises(ValueError, match="bias"):
         layer(_x(4, K))  # float32 activations no longer match the bf16 bias
 

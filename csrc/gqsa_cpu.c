@@ -1,0 +1,585 @@
+/*
+ * Native CPU kernel for gqsa::linear: y = x @ W^T on the packed block-sparse-row group-quantized format
+ * (docs/FORMAT.md). Built as the CPython extension module gqsa._native_cpu; the Python wrapper is
+ * src/gqsa/ops/cpu.py (it owns dtype conversion, bias and the choice of split).
+ *
+ * Layout of the arguments (all contiguous, little-endian):
+ *   x            float32  (M, K)               activations
+ *   crow_indices int32    (N + 1,)             kept groups of row r: entries crow[r] .. crow[r+1]-1
+ *   col_indices  int16 | int32 (nnz,)          group index j of each entry
+ *   values       uint8    (nnz, g * bits / 8)  codes, a little-endian bit stream per entry
+ *   scale        float16  (nnz,)
+ *   zero_point   uint8    (ceil(nnz*bits/8),)  packed zero points, or NULL: symmetric, z = 2^(bits-1)
+ *   y            float32  (M, N)               output, fully written (rows with no kept group are 0)
+ *
+ * Work split (mode):
+ *   TASK: the nnz kept groups are cut into T equal ranges whatever the rows. A thread finds its first row by
+ *         binary search in crow_indices and walks its rows; a row cut by a range boundary is written to a
+ *         per-thread partial slot (at most two per thread: its first and its last row) and the partials are
+ *         added in thread order after the parallel region: no atomics, deterministic for a given T.
+ *   ROWS: rows are cut into T equal ranges (the data-centric split, for comparison).
+ *
+ * Per row segment (the entries of one row inside a thread's range), each entry is unpacked once per call into
+ * float32 weights s * (q - z) (exactly the reference's float32 weight) and used for all M rows of x:
+ *   M <= 8 (AVX2): fused, the weights stay in registers and meet the M rows' x at once (tile_avx2);
+ *   otherwise: 1. dequantize the segment into a per-thread buffer w (ne, g) and record x offsets j * g;
+ *              2. dot: for every tile of up to 8 rows of x, accumulate w . x[m, offsets] in registers.
+ * Group size 16 and every bits value get their own specialised loops (compile-time constants).
+ *
+ * Instruction sets: functions marked GQSA_AVX2 are compiled for AVX2+FMA+F16C and used only when
+ * __builtin_cpu_supports says so; the scalar functions are the portable fallback.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GQSA_HAVE_X86 1
+#include <immintrin.h>
+#define GQSA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define GQSA_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#else
+#define GQSA_HAVE_X86 0
+#endif
+
+enum { MODE_TASK = 0, MODE_ROWS = 1 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1 };
+enum { MAX_TILE_M = 8 };
+
+/* One call's problem; pointers borrowed from the caller's tensors. */
+typedef struct {
+    const float *x;          /* (M, K) */
+    const int32_t *crow;     /* (N + 1,) */
+    const void *col;         /* (nnz,) int16 or int32 */
+    int col_int32;
+    const uint8_t *values;   /* (nnz, g * bits / 8) */
+    const uint16_t *scale;   /* (nnz,) fp16 bits */
+    const uint8_t *zero;     /* packed zero points or NULL */
+    int64_t zero_nbytes;
+    float *y;                /* (M, N) */
+    int64_t M, N, K, nnz;
+    int64_t ldx;             /* row stride of x (>= K) */
+    int g, bits;
+} Problem;
+
+/* A row cut by a range boundary: its row index (-1: unused) and its M partial sums. */
+typedef struct {
+    int64_t row;
+    float *sums; /* (M,) */
+} Partial;
+
+/* ---- scalar helpers ------------------------------------------------------------------------------------ */
+
+static inline int64_t col_at(const Problem *p, int64_t e) {
+    return p->col_int32 ? (int64_t)((const int32_t *)p->col)[e] : (int64_t)((const int16_t *)p->col)[e];
+}
+
+/* Code i of a little-endian bit stream of nbytes bytes (bits <= 8). */
+static inline int stream_code(const uint8_t *s, int64_t i, int bits, int64_t nbytes) {
+    int64_t t = i * bits, byte = t >> 3;
+    unsigned v = s[byte];
+    if (byte + 1 < nbytes) v |= (unsigned)s[byte + 1] << 8;
+    return (int)((v >> (t & 7)) & ((1u << bits) - 1u));
+}
+
+static inline int zero_at(const Problem *p, int64_t e) {
+    return p->zero ? stream_code(p->zero, e, p->bits, p->zero_nbytes) : 1 << (p->bits - 1);
+}
+
+/* zero_at for a constant bits: 2, 4 and 8 bits never straddle a byte. */
+static inline __attribute__((always_inline)) int zero_at_bits(const Problem *p, int64_t e, const int bits) {
+    if (!p->zero) return 1 << (bits - 1);
+    if (bits == 3) return stream_code(p->zero, e, 3, p->zero_nbytes);
+    const int64_t t = e * bits;
+    return (p->zero[t >> 3] >> (t & 7)) & ((1 << bits) - 1);
+}
+
+/* IEEE half -> float, exact (normals, subnormals, inf/nan). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400u)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Destination of entry e's g weights: compact (e - a) * g in a row-segment buffer, or j * g in a dense row. */
+static inline float *entry_dst(float *w, int64_t e, int64_t a, int64_t j, int g, int scatter) {
+    return w + (scatter ? j : (e - a)) * (int64_t)g;
+}
+
+/* ---- dequantization (portable and AVX2) and the AVX2 register tiles ----------------------------------- */
+
+/* w: compact (b - a, g) or, with scatter, a dense row (K,); off: (b - a,) x offsets j * g (may be NULL). */
+static void dequant_scalar(const Problem *p, int64_t a, int64_t b, float *w, int32_t *off, int scatter) {
+    const int g = p->g, gbytes = g * p->bits / 8;
+    for (int64_t e = a; e < b; ++e) {
+        const int64_t j = col_at(p, e);
+        const float s = half_to_float(p->scale[e]);
+        const int z = zero_at(p, e);
+        const uint8_t *codes = p->values + e * gbytes;
+        float *dst = entry_dst(w, e, a, j, g, scatter);
+        for (int c = 0; c < g; ++c) dst[c] = (float)(stream_code(codes, c, p->bits, gbytes) - z) * s;
+        if (off) off[e - a] = (int32_t)(j * g);
+    }
+}
+
+#if GQSA_HAVE_X86
+/* 8 codes of `bits` bits (2, 3 or 4) starting at byte p, as 8 int32 lanes. */
+GQSA_AVX2_INLINE __m256i unpack8_avx2(const uint8_t *p, const int bits, __m256i shifts, __m256i mask) {
+    uint32_t word = 0;
+    memcpy(&word, p, (size_t)bits); /* 8 codes fill exactly `bits` bytes */
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+}
+
+/*
+ * The 8 weights s * (q - z) of codes c .. c+7 of one entry, as float32 lanes: (q - z) exactly in int32, then
+ * one rounding, so the weight is the reference's float32 weight bit for bit.
+ */
+GQSA_AVX2_INLINE __m256 weights8_avx2(const uint8_t *codes, int c, __m256i z, __m256 s, const int bits,
+                                      __m256i shifts, __m256i mask) {
+    __m256i q;
+    if (bits == 8)
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
+    else
+        q = unpack8_avx2(codes + ((unsigned)c >> 3) * bits, bits, shifts, mask);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)), s);
+}
+
+#define GQSA_SHIFTS(bits) _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits)
+
+/* G: the group size when it is a compile-time constant (16), else 0 (read p->g). */
+GQSA_AVX2_INLINE void dequant_avx2_bits(const Problem *p, int64_t a, int64_t b, float *w, int32_t *off,
+                                        int scatter, const int bits, const int G) {
+    const int g = G ? G : p->g, gbytes = g * bits / 8;
+    const __m256i shifts = GQSA_SHIFTS(bits), mask = _mm256_set1_epi32((1 << bits) - 1);
+    for (int64_t e = a; e < b; ++e) {
+        const int64_t j = col_at(p, e);
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(p->scale[e]));
+        const __m256i z = _mm256_set1_epi32(zero_at_bits(p, e, bits));
+        const uint8_t *codes = p->values + e * gbytes;
+        float *dst = entry_dst(w, e, a, j, g, scatter);
+        for (int c = 0; c < g; c += 8) _mm256_storeu_ps(dst + c, weights8_avx2(codes, c, z, s, bits, shifts, mask));
+        if (off) off[e - a] = (int32_t)(j * g);
+    }
+}
+
+#define GQSA_DEQUANT_G(BITS)                                                                                    \
+    if (p->g == 16)                                                                                             \
+        dequant_avx2_bits(p, a, b, w, off, scatter, BITS, 16);                                                  \
+    else                                                                                                        \
+        dequant_avx2_bits(p, a, b, w, off, scatter, BITS, 0);
+
+GQSA_AVX2 static void dequant_avx2(const Problem *p, int64_t a, int64_t b, float *w, int32_t *off, int scatter) {
+    switch (p->bits) { /* constant bits and group size: one specialised loop each */
+    case 2: GQSA_DEQUANT_G(2) break;
+    case 3: GQSA_DEQUANT_G(3) break;
+    case 4: GQSA_DEQUANT_G(4) break;
+    default: GQSA_DEQUANT_G(8) break;
+    }
+}
+
+GQSA_AVX2_INLINE float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/*
+ * out[i] = sum over entries e in [a, b) (one row) of W[e, :] . x[i, j_e * g ..] for i < mt (<= 8), x (mt, K)
+ * with row stride p->ldx. The weights are unpacked here (wbuf NULL: the fused path) or read from wbuf, the
+ * entries dequantized by dequant_avx2 (compact (b - a, g)). For mt <= 4, two accumulators per row (even and
+ * odd chunks) hide the FMA latency; above, the mt rows are enough independent chains.
+ */
+GQSA_AVX2_INLINE void tile_avx2(const Problem *p, int64_t a, int64_t b, const float *x, float *out,
+                                const float *wbuf, const int mt, const int bits, const int G, const int from_buf) {
+    const int64_t g = G ? G : p->g, gbytes = g * bits / 8, ldx = p->ldx;
+    const __m256i shifts = GQSA_SHIFTS(bits), mask = _mm256_set1_epi32((1 << bits) - 1);
+    __m256 acc0[MAX_TILE_M], acc1[MAX_TILE_M];
+    const int two = mt <= 4;
+    for (int i = 0; i < mt; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int64_t e = a; e < b; ++e) {
+        const float *xe = x + col_at(p, e) * g;
+        const float *we = from_buf ? wbuf + (e - a) * g : NULL;
+        __m256 s = _mm256_setzero_ps();
+        __m256i z = _mm256_setzero_si256();
+        if (!from_buf) {
+            s = _mm256_set1_ps(_cvtsh_ss(p->scale[e]));
+            z = _mm256_set1_epi32(zero_at_bits(p, e, bits));
+        }
+        const uint8_t *codes = p->values + e * gbytes;
+        for (int c = 0; c < (int)g; c += 16) {
+            __m256 w0, w1 = _mm256_setzero_ps();
+            w0 = from_buf ? _mm256_loadu_ps(we + c) : weights8_avx2(codes, c, z, s, bits, shifts, mask);
+            if (g > 8)
+                w1 = from_buf ? _mm256_loadu_ps(we + c + 8) : weights8_avx2(codes, c + 8, z, s, bits, shifts, mask);
+            for (int i = 0; i < mt; ++i) {
+                acc0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + i * ldx + c), w0, acc0[i]);
+                if (g == 8) continue;
+                if (two)
+                    acc1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + i * ldx + c + 8), w1, acc1[i]);
+                else
+                    acc0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + i * ldx + c + 8), w1, acc0[i]);
+            }
+        }
+    }
+    for (int i = 0; i < mt; ++i) out[i] = hsum_avx2(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+/* Dispatch on constant (mt, bits, group size 16 or any): one specialised loop each. */
+#define GQSA_TILE_G(MT, BITS, FROM_BUF)                                                                         \
+    if (p->g == 16)                                                                                             \
+        tile_avx2(p, a, b, x, out, wbuf, MT, BITS, 16, FROM_BUF);                                               \
+    else                                                                                                        \
+        tile_avx2(p, a, b, x, out, wbuf, MT, BITS, 0, FROM_BUF);
+
+#define GQSA_TILE_BITS(MT)                                                                                      \
+    if (wbuf) {                                                                                                 \
+        GQSA_TILE_G(MT, 8, 1) /* bits unused */                                                                 \
+    } else {                                                                                                    \
+        switch (p->bits) {                                                                                      \
+        case 2: GQSA_TILE_G(MT, 2, 0) break;                                                                    \
+        case 3: GQSA_TILE_G(MT, 3, 0) break;                                                                    \
+        case 4: GQSA_TILE_G(MT, 4, 0) break;                                                                    \
+        default: GQSA_TILE_G(MT, 8, 0) break;                                                                   \
+        }                                                                                                       \
+    }
+
+GQSA_AVX2 static void tile_dispatch_avx2(const Problem *p, int64_t a, int64_t b, const float *x, float *out,
+                                         const float *wbuf, int mt) {
+    switch (mt) {
+    case 1: GQSA_TILE_BITS(1) break;
+    case 2: GQSA_TILE_BITS(2) break;
+    case 3: GQSA_TILE_BITS(3) break;
+    case 4: GQSA_TILE_BITS(4) break;
+    case 5: GQSA_TILE_BITS(5) break;
+    case 6: GQSA_TILE_BITS(6) break;
+    case 7: GQSA_TILE_BITS(7) break;
+    default: GQSA_TILE_BITS(8) break;
+    }
+}
+
+/* Fused path, M <= MAX_TILE_M: out (M,) for entries [a, b) of one row, unpacked in registers. */
+GQSA_AVX2 static void fused_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
+    tile_dispatch_avx2(p, a, b, p->x, out, NULL, (int)p->M);
+}
+
+/* Two-phase path, phase 2: out (M,) from the row segment w (b - a, g) dequantized by dequant_avx2. */
+GQSA_AVX2 static void dot_avx2(const Problem *p, int64_t a, int64_t b, const float *w, const int32_t *off,
+                               float *out) {
+    (void)off;
+    for (int64_t m0 = 0; m0 < p->M; m0 += MAX_TILE_M) {
+        const int64_t rest = p->M - m0;
+        tile_dispatch_avx2(p, a, b, p->x + m0 * p->ldx, out + m0, w, rest < MAX_TILE_M ? (int)rest : MAX_TILE_M);
+    }
+}
+#endif
+
+/* ---- portable phase 2: dot products of one row segment with every row of x ----------------------------- */
+
+/* out[m] = sum_e sum_c w[e, c] * x[m, off[e] + c] for m < M. w: (ne, g) compact. */
+static void dot_scalar(const Problem *p, int64_t a, int64_t b, const float *w, const int32_t *off, float *out) {
+    const int g = p->g;
+    const int64_t ne = b - a;
+    for (int64_t m = 0; m < p->M; ++m) {
+        const float *xm = p->x + m * p->ldx;
+        float acc = 0.0f;
+        for (int64_t e = 0; e < ne; ++e)
+            for (int c = 0; c < g; ++c) acc += w[e * g + c] * xm[off[e] + c];
+        out[m] = acc;
+    }
+}
+
+/* ---- one thread's range ---------------------------------------------------------------------------------- */
+
+typedef void (*DequantFn)(const Problem *, int64_t, int64_t, float *, int32_t *, int);
+typedef void (*DotFn)(const Problem *, int64_t, int64_t, const float *, const int32_t *, float *);
+typedef void (*FusedFn)(const Problem *, int64_t, int64_t, float *);
+
+/* The functions for this CPU: two-phase dequant + dot, and (M <= MAX_TILE_M) a fused one or NULL. */
+typedef struct {
+    DequantFn dequant;
+    DotFn dot;
+    FusedFn fused;
+} Fns;
+
+/* Per-thread scratch: a row segment's weights (G, g) = K floats, its x offsets (G,), its sums (M,). */
+typedef struct {
+    float *w;
+    int32_t *off;
+    float *sums;
+} Scratch;
+
+/* out (M,) = dot products of entries [a, b) (one row) with every row of x. */
+static void row_segment(const Problem *p, int64_t a, int64_t b, const Scratch *ws, const Fns *fns, float *out) {
+    if (fns->fused && p->M <= MAX_TILE_M) {
+        fns->fused(p, a, b, out);
+    } else {
+        fns->dequant(p, a, b, ws->w, ws->off, 0);
+        fns->dot(p, a, b, ws->w, ws->off, out);
+    }
+}
+
+/* Last row r with crow[r] <= e (e < nnz), i.e. the row holding entry e. */
+static int64_t row_of_entry(const int32_t *crow, int64_t n, int64_t e) {
+    int64_t lo = 0, hi = n; /* crow[lo] <= e < crow[hi] */
+    while (hi - lo > 1) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (crow[mid] <= e) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+/*
+ * Entries [e0, e1) starting in row r. Whole rows go straight to y; a row cut by e0 goes to head, one cut by
+ * e1 to tail (the same row cut by both goes to head).
+ */
+static void run_range(const Problem *p, int64_t e0, int64_t e1, int64_t r, const Scratch *ws, Partial *head,
+                      Partial *tail, const Fns *fns) {
+    for (; r < p->N && p->crow[r] < e1; ++r) {
+        const int64_t lo = p->crow[r], hi = p->crow[r + 1];
+        const int64_t a = lo > e0 ? lo : e0, b = hi < e1 ? hi : e1;
+        if (a >= b) continue; /* a row with no kept group (or none in this range) */
+        if (a == lo && b == hi) {
+            row_segment(p, a, b, ws, fns, ws->sums);
+            for (int64_t m = 0; m < p->M; ++m) p->y[m * p->N + r] = ws->sums[m];
+        } else {
+            Partial *slot = a > lo ? head : tail;
+            slot->row = r;
+            row_segment(p, a, b, ws, fns, slot->sums);
+        }
+    }
+}
+
+static int use_avx2(int isa) {
+#if GQSA_HAVE_X86
+    if (isa == ISA_SCALAR) return 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    (void)isa;
+    return 0;
+#endif
+}
+
+static Fns pick_fns(int isa) {
+    Fns fns = {dequant_scalar, dot_scalar, NULL};
+#if GQSA_HAVE_X86
+    if (use_avx2(isa)) fns = (Fns){dequant_avx2, dot_avx2, fused_avx2};
+#else
+    (void)isa;
+#endif
+    return fns;
+}
+
+/*
+ * Rows of x whose stride is a multiple of 4 KiB (K = 4096, 11008 ...) fall in the same L1 sets and alias each
+ * other's addresses; a copy with one cache line of padding per row avoids both. Returns the copy or NULL.
+ */
+static float *padded_x(const Problem *p, int64_t *ldx) {
+    *ldx = p->K + 16;
+    float *x = malloc((size_t)(p->M * *ldx) * sizeof(float));
+    if (x)
+        for (int64_t m = 0; m < p->M; ++m) memcpy(x + m * *ldx, p->x + m * p->K, (size_t)p->K * sizeof(float));
+    return x;
+}
+
+/* y = x @ W^T for the whole problem with T threads. Returns 0, or -1 when out of memory. */
+static int linear(const Problem *problem, int threads, int mode, int isa) {
+    Problem padded = *problem, *p = &padded;
+    float *xcopy = NULL;
+    if (p->M > 1 && (p->K * (int64_t)sizeof(float)) % 4096 == 0) {
+        xcopy = padded_x(problem, &padded.ldx);
+        if (xcopy == NULL) return -1;
+        padded.x = xcopy;
+    }
+    const Fns fns = pick_fns(isa);
+    memset(p->y, 0, (size_t)(p->M * p->N) * sizeof(float));
+    if (p->nnz == 0 || p->M == 0) {
+        free(xcopy);
+        return 0;
+    }
+    if (threads < 1) threads = 1;
+    /* Partial slots: 2 per thread, each with M sums. */
+    Partial *parts = calloc((size_t)threads * 2, sizeof(Partial));
+    float *part_sums = calloc((size_t)threads * 2 * (size_t)p->M, sizeof(float));
+    int failed = parts == NULL || part_sums == NULL;
+    if (!failed) {
+        for (int i = 0; i < 2 * threads; ++i) {
+            parts[i].row = -1;
+            parts[i].sums = part_sums + (int64_t)i * p->M;
+        }
+#pragma omp parallel num_threads(threads)
+        {
+            int t = 0, nt = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num();
+            nt = omp_get_num_threads();
+#endif
+            Scratch ws = {malloc((size_t)p->K * sizeof(float)), malloc((size_t)(p->K / p->g) * sizeof(int32_t)),
+                          malloc((size_t)p->M * sizeof(float))};
+            if (ws.w == NULL || ws.off == NULL || ws.sums == NULL) {
+#pragma omp atomic write
+                failed = 1;
+            } else if (mode == MODE_ROWS) {
+                const int64_t r0 = p->N * t / nt, r1 = p->N * (t + 1) / nt;
+                run_range(p, p->crow[r0], p->crow[r1], r0, &ws, &parts[2 * t], &parts[2 * t + 1], &fns);
+            } else {
+                const int64_t e0 = p->nnz * t / nt, e1 = p->nnz * (t + 1) / nt;
+                if (e0 < e1)
+                    run_range(p, e0, e1, row_of_entry(p->crow, p->N, e0), &ws, &parts[2 * t], &parts[2 * t + 1],
+                              &fns);
+            }
+            free(ws.w);
+            free(ws.off);
+            free(ws.sums);
+        }
+        /* Rows cut between threads: y (still 0 there) += partials in thread order, deterministically. */
+        for (int i = 0; i < 2 * threads; ++i)
+            if (parts[i].row >= 0)
+                for (int64_t m = 0; m < p->M; ++m) p->y[m * p->N + parts[i].row] += parts[i].sums[m];
+    }
+    free(parts);
+    free(part_sums);
+    free(xcopy);
+    return failed ? -1 : 0;
+}
+
+/* Dense W (N, K) float32 into p->y (used as the output buffer), rows split across threads. */
+static void dequantize_dense(const Problem *p, int threads, int isa) {
+    const Fns fns = pick_fns(isa);
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < p->N; ++r) {
+        float *row = p->y + r * p->K;
+        memset(row, 0, (size_t)p->K * sizeof(float));
+        fns.dequant(p, p->crow[r], p->crow[r + 1], row, NULL, 1);
+    }
+}
+
+/* ---- Python bindings ----------------------------------------------------------------------------------- */
+
+static void *as_ptr(unsigned long long v) { return (void *)(uintptr_t)v; }
+
+static int check_problem(const Problem *p) {
+    if (p->g < 8 || p->g > 256 || (p->g & (p->g - 1)) || p->K % p->g) {
+        PyErr_SetString(PyExc_ValueError, "group_size must be a power of two in [8, 256] dividing in_features");
+        return -1;
+    }
+    if (p->bits != 2 && p->bits != 3 && p->bits != 4 && p->bits != 8) {
+        PyErr_SetString(PyExc_ValueError, "bits must be 2, 3, 4 or 8");
+        return -1;
+    }
+    if (p->M < 0 || p->N < 1 || p->K < 1 || p->nnz < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Parse the common arguments: pointers (integers, data_ptr()) and sizes. Format (see py_linear's docstring):
+ * x, crow, col, col_int32, values, scale, zero, y, M, N, K, nnz, group_size, bits.
+ */
+static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, int *isa) {
+    unsigned long long x, crow, col, values, scale, zero, y;
+    long long M, N, K, nnz;
+    if (!PyArg_ParseTuple(args, "KKKiKKKKLLLLiiiii", &x, &crow, &col, &p->col_int32, &values, &scale, &zero, &y, &M,
+                          &N, &K, &nnz, &p->g, &p->bits, threads, mode, isa))
+        return -1;
+    p->x = as_ptr(x);
+    p->crow = as_ptr(crow);
+    p->col = as_ptr(col);
+    p->values = as_ptr(values);
+    p->scale = as_ptr(scale);
+    p->zero = as_ptr(zero);
+    p->y = as_ptr(y);
+    p->M = M;
+    p->N = N;
+    p->K = K;
+    p->ldx = K;
+    p->nnz = nnz;
+    p->zero_nbytes = (nnz * p->bits + 7) / 8;
+    return check_problem(p);
+}
+
+PyDoc_STRVAR(py_linear_doc,
+             "linear(x, crow, col, col_int32, values, scale, zero, y, M, N, K, nnz, group_size, bits, threads, "
+             "mode, isa)\n\n"
+             "y (M, N) float32 = x (M, K) float32 @ W^T. Every tensor argument is a data pointer (int) of a "
+             "contiguous tensor; zero is 0 for symmetric weights. mode: 0 task-centric, 1 row split. "
+             "isa: 0 best available, 1 scalar.");
+
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    Problem p;
+    int threads, mode, isa, rc;
+    if (parse_problem(args, &p, &threads, &mode, &isa) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = linear(&p, threads, mode, isa);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(py_dequantize_doc,
+             "dequantize(0, crow, col, col_int32, values, scale, zero, w, 0, N, K, nnz, group_size, bits, threads, "
+             "0, isa)\n\nDense W (N, K) float32 written to the pointer w (same argument order as linear).");
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    (void)self;
+    Problem p;
+    int threads, mode, isa;
+    if (parse_problem(args, &p, &threads, &mode, &isa) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    dequantize_dense(&p, threads, isa);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(use_avx2(ISA_AUTO) ? "avx2" : "scalar");
+}
+
+static PyObject *py_openmp(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"linear", py_linear, METH_VARARGS, py_linear_doc},
+    {"dequantize", py_dequantize, METH_VARARGS, py_dequantize_doc},
+    {"isa", py_isa, METH_NOARGS, "Instruction set the kernels use here: 'avx2' or 'scalar'."},
+    {"openmp", py_openmp, METH_NOARGS, "Whether the module was built with OpenMP."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "gqsa._native_cpu",
+                                    "Native CPU kernels for gqsa::linear (see csrc/gqsa_cpu.c).", -1, methods};
+
+PyMODINIT_FUNC PyInit__native_cpu(void) { return PyModule_Create(&module); }
