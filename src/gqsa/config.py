@@ -24,7 +24,7 @@ ALLOCATIONS = ("row", "matrix", "model")
 COMPRESS_METHODS = ("gqsa", "magnitude", "sparsegpt", "wanda")
 # Methods that only prune (unstructured or N:M) and leave the kept weights in float.
 FLOAT_SPARSE_METHODS = ("sparsegpt", "wanda")
-SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")
+SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude", "obs_adaptive")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -217,7 +217,9 @@ class OneShotSpec(_Config):
 
     Attributes:
         saliency: group importance: "obs" (exact OBS output error of removing the group), "obs_diag" (its
-            diagonal approximation), "wanda" (activation-weighted magnitude) or "magnitude".
+            diagonal approximation), "wanda" (activation-weighted magnitude), "magnitude", or "obs_adaptive"
+            (exact OBS, but the groups of each block of columns are chosen when the sweep reaches it, on the
+            weights as updated so far, as SparseGPT chooses its masks; the ratio then holds per block).
         damp: dampening of the Hessian, relative to its mean diagonal.
         block_size: columns per lazy error-compensation update (raised to the group size if smaller).
     """
@@ -392,6 +394,9 @@ class CompressConfig(_Config):
         if self.e2e.epochs and self.method != "gqsa":
             raise ValueError(f"CompressConfig: E2E-OQP (e2e.epochs > 0) trains GQSA layers; method {self.method!r} "
                              "has none")
+        if self.oneshot.saliency == "obs_adaptive" and self.sparsity.allocation == "model":
+            raise ValueError("CompressConfig: saliency 'obs_adaptive' chooses masks block by block; allocation "
+                             "'model' needs masks chosen per layer (use saliency 'obs')")
         if pattern == "group":
             if self.method in FLOAT_SPARSE_METHODS:
                 raise ValueError(

@@ -206,3 +206,36 @@ def test_gqsa_without_calibration_windows_is_an_error():
 
     with pytest.raises(ValueError, match="calibration windows"):
         compress_model(tiny_model("llama"), CompressConfig(method="gqsa"), progress=False)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.55])
+@pytest.mark.parametrize("allocation", ["row", "matrix"])
+@pytest.mark.parametrize("group_size", [8, 16, 32])
+def test_adaptive_masks_meet_the_ratio_exactly(ratio, allocation, group_size):
+    from gqsa.quant.masks import groups_to_prune
+
+    torch.manual_seed(0)
+    h = hessian(correlated_inputs(k=128))
+    hinv, chol, _ = damped_inverse_cholesky(h)
+    w = torch.randn(24, 128)
+    packed = gqsa_oneshot_linear(w, h, hinv, chol, 4, group_size, ratio, allocation, "obs_adaptive",
+                                 block_size=32)
+    groups = 128 // group_size
+    if allocation == "row":
+        assert (packed.crow_indices.diff() == groups - groups_to_prune(groups, ratio)).all()
+    else:
+        assert 24 * groups - packed.nnz == groups_to_prune(24 * groups, ratio)
+
+
+def test_adaptive_masks_with_one_block_are_the_exact_obs_masks():
+    # With one block covering every column, the "remaining" inverse Hessian is H^-1 itself and the weights are
+    # not updated yet: the adaptive choice must be the fixed OBS choice.
+    torch.manual_seed(0)
+    h = hessian(correlated_inputs(k=64))
+    hinv, chol, _ = damped_inverse_cholesky(h)
+    w = torch.randn(16, 64)
+    for allocation in ("row", "matrix"):
+        fixed = gqsa_oneshot_linear(w, h, hinv, chol, 4, 8, 0.5, allocation, "obs", block_size=64)
+        adaptive = gqsa_oneshot_linear(w, h, hinv, chol, 4, 8, 0.5, allocation, "obs_adaptive", block_size=64)
+        assert torch.equal(fixed.crow_indices, adaptive.crow_indices)
+        assert torch.equal(fixed.col_indices, adaptive.col_indices)

@@ -82,9 +82,9 @@ def sparsegpt_prune(
     keep = torch.ones(n, k, dtype=torch.bool, device=weight.device)
     diag = torch.diagonal(hinv_chol)  # (K,)
 
-    def block_start(b0: int, w1: torch.Tensor, d: torch.Tensor) -> None:
+    def block_start(b0: int, w1: torch.Tensor, u1: torch.Tensor) -> None:
         if nm is None:
-            keep[:, b0 : b0 + w1.shape[1]] = select_groups(w1**2 / d**2, ratio, allocation)
+            keep[:, b0 : b0 + w1.shape[1]] = select_groups(w1**2 / torch.diagonal(u1) ** 2, ratio, allocation)
 
     def compress_column(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
         if nm is not None and col % nm[1] == 0:

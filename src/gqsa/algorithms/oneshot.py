@@ -13,7 +13,7 @@ import torch
 from gqsa.algorithms.sweep import obs_sweep
 from gqsa.format.packed import PackedWeight
 from gqsa.quant.groups import to_groups
-from gqsa.quant.masks import select_groups
+from gqsa.quant.masks import groups_to_prune, select_groups
 from gqsa.quant.qparams import group_qparams, symmetric_zero_point
 from gqsa.quant.quantize import dequantize, quantize
 from gqsa.quant.saliency import group_saliency
@@ -28,14 +28,21 @@ def compensated_prune_quantize(
     symmetric: bool = False,
     qparam_method: str = "minmax",
     block_size: int = 128,
+    adaptive_ratio: float | None = None,
+    adaptive_allocation: str = "row",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune and quantize with error compensation.
 
     Args:
         weight: (N, K) float weight.
         hinv_chol: (K, K) upper Cholesky factor of the damped inverse Hessian.
-        mask: (N, K // group_size) bool keep-mask (fixed).
+        mask: (N, K // group_size) bool keep-mask; fixed, or with ``adaptive_ratio`` filled in place as the
+            sweep goes.
         block_size: columns per lazy update (a power of two; raised to group_size if smaller).
+        adaptive_ratio: choose the mask block by block (SparseGPT-style): when the sweep reaches a block of
+            columns, prune this fraction of its groups (per row or over the block, ``adaptive_allocation``) by
+            their exact OBS saliency on the weights as updated so far, w_G^T ([H_R^-1]_GG)^-1 w_G with
+            H_R^-1 = U_RR^T U_RR the inverse Hessian of the columns not yet processed.
 
     Returns:
         codes (N, G, group_size) uint8, scale (N, G) float32 (fp16 values), zero_point (N, G) float32.
@@ -60,7 +67,28 @@ def compensated_prune_quantize(
         codes[:, col] = c[:, 0]
         return dequantize(c, scale[:, grp], zero[:, grp])[:, 0] * keep[:, grp]
 
-    obs_sweep(weight, hinv_chol, compress_column, block_size)
+    def choose_block_mask(b0: int, w1: torch.Tensor, u1: torch.Tensor) -> None:
+        groups = w1.shape[1] // g
+        blocks = torch.stack([u1[:, j * g : (j + 1) * g] for j in range(groups)])  # (Gb, B, g)
+        inv = torch.linalg.inv(blocks.transpose(1, 2) @ blocks)  # (Gb, g, g) = ([H_R^-1]_GG)^-1
+        wg = w1.reshape(n, groups, g)  # (N, Gb, g)
+        scores = torch.einsum("ngi,gij,ngj->ng", wg, inv, wg)  # (N, Gb)
+        # This block's share of what is left to prune (per row, or over the matrix), so the total is exact.
+        per = n * groups if adaptive_allocation == "matrix" else groups
+        share = min(per, round(budget["prune"] * per / budget["groups"]))
+        budget["prune"] -= share
+        budget["groups"] -= per
+        if share == per:
+            chosen = torch.zeros_like(scores, dtype=torch.bool)
+        else:
+            chosen = select_groups(scores, share / per, adaptive_allocation)
+        mask[:, b0 // g : b0 // g + groups] = chosen
+        keep[:, b0 // g : b0 // g + groups] = chosen.float()
+
+    total = n * (k // g) if adaptive_allocation == "matrix" else k // g
+    budget = {"prune": groups_to_prune(total, adaptive_ratio or 0.0), "groups": total}
+    block_start = None if adaptive_ratio is None else choose_block_mask
+    obs_sweep(weight, hinv_chol, compress_column, block_size, block_start)
     codes = to_groups(codes, g) * mask.unsqueeze(-1)  # (N, G, g), pruned groups zeroed
     return codes, scale, zero
 
@@ -89,10 +117,14 @@ def gqsa_oneshot_linear(
     Returns:
         The PackedWeight.
     """
-    if mask is None:
+    adaptive = saliency == "obs_adaptive" and mask is None
+    if adaptive:
+        mask = torch.ones(weight.shape[0], weight.shape[1] // group_size, dtype=torch.bool, device=weight.device)
+    elif mask is None:
         scores = group_saliency(saliency, weight, hessian, hinv, group_size)  # (N, G)
         mask = select_groups(scores, ratio, allocation)
     codes, scale, zero = compensated_prune_quantize(
-        weight, hinv_chol, mask, bits, group_size, symmetric, qparam_method, block_size
+        weight, hinv_chol, mask, bits, group_size, symmetric, qparam_method, block_size,
+        adaptive_ratio=ratio if adaptive else None, adaptive_allocation=allocation,
     )
     return PackedWeight.pack(codes, scale, None if symmetric else zero, mask, bits)

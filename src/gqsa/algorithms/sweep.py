@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-# (first column b0, block weights w1 (N, B) as updated so far, diag of U over the block (B,)) -> None.
+# (first column b0, block weights w1 (N, B) as updated so far, U over the block (B, B)) -> None.
 BlockStartFn = Callable[[int, torch.Tensor, torch.Tensor], None]
 # (column index, i within the block, block weights w1 (N, B) as updated so far) -> compressed column (N,).
 ColumnFn = Callable[[int, int, torch.Tensor], torch.Tensor]
@@ -47,7 +47,7 @@ def obs_sweep(
         err1 = torch.empty_like(w1)
         u1 = hinv_chol[b0:b1, b0:b1]  # (B, B)
         if block_start is not None:
-            block_start(b0, w1, torch.diagonal(u1))
+            block_start(b0, w1, u1)
         for i in range(b1 - b0):
             q = compress_column(b0 + i, i, w1)  # (N,)
             out[:, b0 + i] = q
