@@ -51,6 +51,8 @@ ROWS: dict[str, tuple[str | None, dict, str]] = {
     "w4s50-g16-adaptive": ("w4s50", {"oneshot": {"saliency": "obs_adaptive"}}, "W4S50 g16: saliency / allocation"),
     "w4s50-g16-adaptive-matrix": ("w4s50", {"oneshot": {"saliency": "obs_adaptive"},
                                             "sparsity": {"allocation": "matrix"}}, "W4S50 g16: saliency / allocation"),
+    "gptq-w2g64-static": ("w2g64", {"oneshot": {"static_qparams": True}}, "GPTQ (dense, group quantization)"),
+    "w4s50-g16-static": ("w4s50", {"oneshot": {"static_qparams": True}}, "W4S50 g16: saliency / allocation"),
     # why W4S50 loses to 2:4 one-shot: pruning alone (8-bit codes, ~lossless) and quantization alone (no pruning)
     "w8s50-g16": ("w4s50", {"quant": {"bits": 8}}, "W4S50 g16 decomposed"),
     "w4s0-g16": ("w4s50", {"sparsity": {"ratio": 0.0}}, "W4S50 g16 decomposed"),

@@ -110,7 +110,7 @@ def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | Non
         hinv, hinv_chol, _ = damped_inverse_cholesky(stats.hessian, os_.damp, layer=name)
         packed = gqsa_oneshot_linear(
             linear.weight, stats.hessian, hinv, hinv_chol, q.bits, q.group_size, ratio, allocation,
-            os_.saliency, q.symmetric, q.qparam_method, os_.block_size,
+            os_.saliency, q.symmetric, q.qparam_method, os_.block_size, static_qparams=os_.static_qparams,
         )
         return _packed_module(linear, packed), layer_report(name, linear.weight, packed, stats.hessian)
 

@@ -222,11 +222,15 @@ class OneShotSpec(_Config):
             weights as updated so far, as SparseGPT chooses its masks; the ratio then holds per block).
         damp: dampening of the Hessian, relative to its mean diagonal.
         block_size: columns per lazy error-compensation update (raised to the group size if smaller).
+        static_qparams: take every group's scale and zero point from the original weights before the sweep
+            (GPTQ's "static groups", llm-compressor's behaviour) instead of re-fitting them on the updated
+            weights when the sweep reaches the group.
     """
 
     saliency: str = "obs"
     damp: float = 0.01
     block_size: int = 128
+    static_qparams: bool = False
 
     def __post_init__(self) -> None:
         if self.saliency not in SALIENCIES:
@@ -241,6 +245,8 @@ class OneShotSpec(_Config):
             or self.block_size < MIN_GROUP_SIZE
         ):
             raise ValueError(f"OneShotSpec.block_size must be a power of two >= 8, got {self.block_size!r}")
+        if not isinstance(self.static_qparams, bool):
+            raise ValueError(f"OneShotSpec.static_qparams must be a bool, got {self.static_qparams!r}")
 
 
 def _check_number(cls: str, name: str, value, lo: float, hi: float, integer: bool = False, lo_open=False) -> None:

@@ -239,3 +239,19 @@ def test_adaptive_masks_with_one_block_are_the_exact_obs_masks():
         adaptive = gqsa_oneshot_linear(w, h, hinv, chol, 4, 8, 0.5, allocation, "obs_adaptive", block_size=64)
         assert torch.equal(fixed.crow_indices, adaptive.crow_indices)
         assert torch.equal(fixed.col_indices, adaptive.col_indices)
+
+
+def test_static_qparams_come_from_the_original_weights():
+    from gqsa.quant.qparams import group_qparams
+    from gqsa.quant.groups import to_groups
+
+    torch.manual_seed(0)
+    h = hessian(correlated_inputs(k=64))
+    hinv, chol, _ = damped_inverse_cholesky(h)
+    w = torch.randn(8, 64)
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    _, scale, zero = compensated_prune_quantize(w, chol, mask, 2, 16, static_qparams=True)
+    s0, z0 = group_qparams(to_groups(w, 16), 2, False, "minmax")
+    assert torch.equal(scale, s0) and torch.equal(zero, z0)
+    _, refit, _ = compensated_prune_quantize(w, chol, mask, 2, 16)
+    assert torch.equal(refit[:, 0], s0[:, 0]) and not torch.equal(refit, s0)  # only the first group is untouched

@@ -30,6 +30,7 @@ def compensated_prune_quantize(
     block_size: int = 128,
     adaptive_ratio: float | None = None,
     adaptive_allocation: str = "row",
+    static_qparams: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune and quantize with error compensation.
 
@@ -43,6 +44,9 @@ def compensated_prune_quantize(
             columns, prune this fraction of its groups (per row or over the block, ``adaptive_allocation``) by
             their exact OBS saliency on the weights as updated so far, w_G^T ([H_R^-1]_GG)^-1 w_G with
             H_R^-1 = U_RR^T U_RR the inverse Hessian of the columns not yet processed.
+        static_qparams: take every group's scale and zero point from the original weights before the sweep
+            (as llm-compressor and GPTQ's ``static_groups`` do) instead of from the updated weights when the
+            sweep reaches the group.
 
     Returns:
         codes (N, G, group_size) uint8, scale (N, G) float32 (fp16 values), zero_point (N, G) float32.
@@ -58,9 +62,14 @@ def compensated_prune_quantize(
     scale = torch.ones(n, k // g, device=weight.device)
     zero = torch.full((n, k // g), float(symmetric_zero_point(bits)), device=weight.device)
 
+    if static_qparams:
+        s0, z0 = group_qparams(to_groups(weight.float(), g), bits, symmetric, qparam_method)  # (N, G)
+        scale.copy_(s0)
+        zero.copy_(z0)
+
     def compress_column(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
         grp = col // g
-        if col % g == 0:  # the group's qparams, from its weights as updated so far
+        if col % g == 0 and not static_qparams:  # the group's qparams, from its weights as updated so far
             s, z = group_qparams(w1[:, i : i + g].unsqueeze(1), bits, symmetric, qparam_method)  # (N, 1)
             scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
         c = quantize(w1[:, i : i + 1], scale[:, grp], zero[:, grp], bits)  # (N, 1)
@@ -107,6 +116,7 @@ def gqsa_oneshot_linear(
     qparam_method: str = "minmax",
     block_size: int = 128,
     mask: torch.Tensor | None = None,
+    static_qparams: bool = False,
 ) -> PackedWeight:
     """Compress one linear layer: saliency-based group mask, then the compensated sweep, then pack.
 
@@ -125,6 +135,6 @@ def gqsa_oneshot_linear(
         mask = select_groups(scores, ratio, allocation)
     codes, scale, zero = compensated_prune_quantize(
         weight, hinv_chol, mask, bits, group_size, symmetric, qparam_method, block_size,
-        adaptive_ratio=ratio if adaptive else None, adaptive_allocation=allocation,
+        adaptive_ratio=ratio if adaptive else None, adaptive_allocation=allocation, static_qparams=static_qparams,
     )
     return PackedWeight.pack(codes, scale, None if symmetric else zero, mask, bits)
