@@ -111,7 +111,7 @@ def measure(row: str, args, source: str | None = None) -> dict:
     from gqsa.models.loading import load_model
 
     model, tokenizer = load_model(source)
-    entry = {"row": row, "section": ROWS[row][2] if row in ROWS else "peer library (same model and calibration)",
+    entry = {"row": row, "section": ROWS[row][2] if row in ROWS else "peer library (same model, see its calibration)",
              "threads": torch.get_num_threads()}
     cfg = resolve(row, args.calib_samples, args.seq_len) if row in ROWS else None
     if cfg is not None:
