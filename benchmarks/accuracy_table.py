@@ -108,6 +108,7 @@ def measure(row: str, args, source: str | None = None) -> dict:
     """Compress (unless dense or a given directory) and evaluate one row."""
     from gqsa.compress import calibration_ids, compress_model
     from gqsa.eval.heldout import heldout_perplexity
+    from gqsa.models.adapter import compressible_linears
     from gqsa.models.loading import load_model
 
     model, tokenizer = load_model(source)
@@ -124,8 +125,7 @@ def measure(row: str, args, source: str | None = None) -> dict:
             entry["groups_pruned_per_layer"] = report["groups_pruned_per_layer"]
     elif source is not None:
         entry["source"] = str(source)
-        weights = [m.weight for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+        weights = [m.weight for m in compressible_linears(model).values()]
         entry["sparsity"] = float(sum((w == 0).sum() for w in weights) / sum(w.numel() for w in weights))
     for ds in args.datasets:
         r = heldout_perplexity(model, tokenizer, ds, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)

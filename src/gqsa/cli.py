@@ -95,14 +95,13 @@ def _override(spec, **values):
 
 
 def _resolve_compress_config(args):
-    from gqsa.config import QuantSpec, preset
+    from gqsa.config import QuantSpec, parse_nm, preset
 
     cfg = preset(args.preset)
     ratio = args.sparsity
-    if args.pattern is not None and ratio is None:
-        parts = args.pattern.split(":")
-        if len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[1]) > 0:
-            ratio = 1 - int(parts[0]) / int(parts[1])  # an N:M pattern fixes the ratio
+    nm = parse_nm(args.pattern)
+    if nm is not None and ratio is None:
+        ratio = 1 - nm[0] / nm[1]  # an N:M pattern fixes the ratio
     sparsity = _override(cfg.sparsity, ratio=ratio, allocation=args.allocation, pattern=args.pattern)
     quant_flags = {"bits": args.bits, "group_size": args.group_size, "qparam_method": args.qparams,
                    "symmetric": True if args.symmetric else None}

@@ -27,6 +27,15 @@ FLOAT_SPARSE_METHODS = ("sparsegpt", "wanda")
 SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude", "obs_adaptive")
 
 
+def parse_nm(pattern) -> tuple[int, int] | None:
+    """(N, M) of a sparsity pattern "N:M" with 0 < N < M, else None."""
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    n, m = int(parts[0]), int(parts[1])
+    return (n, m) if 0 < n < m else None
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
@@ -177,11 +186,7 @@ class SparsitySpec(_Config):
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of an "N:M" pattern, else None."""
-        parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            return None
-        n, m = int(parts[0]), int(parts[1])
-        return (n, m) if 0 < n < m else None
+        return parse_nm(self.pattern)
 
 
 @dataclass(frozen=True)

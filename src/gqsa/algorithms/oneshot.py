@@ -16,7 +16,7 @@ from gqsa.quant.groups import to_groups
 from gqsa.quant.masks import groups_to_prune, select_groups
 from gqsa.quant.qparams import group_qparams, symmetric_zero_point
 from gqsa.quant.quantize import dequantize, quantize
-from gqsa.quant.saliency import group_saliency
+from gqsa.quant.saliency import group_saliency, obs_scores
 
 
 def compensated_prune_quantize(
@@ -78,10 +78,8 @@ def compensated_prune_quantize(
 
     def choose_block_mask(b0: int, w1: torch.Tensor, u1: torch.Tensor) -> None:
         groups = w1.shape[1] // g
-        blocks = torch.stack([u1[:, j * g : (j + 1) * g] for j in range(groups)])  # (Gb, B, g)
-        inv = torch.linalg.inv(blocks.transpose(1, 2) @ blocks)  # (Gb, g, g) = ([H_R^-1]_GG)^-1
-        wg = w1.reshape(n, groups, g)  # (N, Gb, g)
-        scores = torch.einsum("ngi,gij,ngj->ng", wg, inv, wg)  # (N, Gb)
+        cols = u1.reshape(u1.shape[0], groups, g).transpose(0, 1)  # (Gb, B, g): U's columns of each group
+        scores = obs_scores(w1.reshape(n, groups, g), cols.transpose(1, 2) @ cols)  # (N, Gb); [H_R^-1]_GG
         # This block's share of what is left to prune (per row, or over the matrix), so the total is exact.
         per = n * groups if adaptive_allocation == "matrix" else groups
         share = min(per, round(budget["prune"] * per / budget["groups"]))

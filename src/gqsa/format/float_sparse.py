@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from gqsa.config import parse_nm
+
 VALUE_BITS = 16  # fp16 values
 
 
@@ -24,7 +26,7 @@ def float_sparse_bits_per_weight(density: float, pattern: str) -> float:
     """
     if pattern == "unstructured":
         return density * VALUE_BITS + 1.0
-    n, _, m = pattern.partition(":")
-    if not (n.isdigit() and m.isdigit()):
+    nm = parse_nm(pattern)
+    if nm is None:
         raise ValueError(f"pattern must be 'unstructured' or 'N:M', got {pattern!r}")
-    return density * (VALUE_BITS + math.ceil(math.log2(int(m))))
+    return density * (VALUE_BITS + math.ceil(math.log2(nm[1])))

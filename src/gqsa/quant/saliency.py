@@ -25,15 +25,18 @@ from gqsa.quant.groups import to_groups
 SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")
 
 
+def obs_scores(w_groups: torch.Tensor, hinv_blocks: torch.Tensor) -> torch.Tensor:
+    """w_G^T ([H^-1]_GG)^-1 w_G per row and group: w_groups (N, G, g), hinv_blocks (G, g, g) -> (N, G)."""
+    return torch.einsum("ngi,gij,ngj->ng", w_groups, torch.linalg.inv(hinv_blocks), w_groups)
+
+
 def obs_group_saliency(weight: torch.Tensor, hinv: torch.Tensor, group_size: int) -> torch.Tensor:
     """Exact OBS saliency of removing each group. weight (N, K), hinv = H^-1 (K, K) -> (N, K // group_size)."""
     n, k = weight.shape
     g_count = k // group_size
-    w = to_groups(weight.float(), group_size)  # (N, G, g)
     idx = torch.arange(k, device=weight.device).reshape(g_count, group_size)  # (G, g)
     blocks = hinv.float()[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (G, g, g) diagonal blocks of H^-1
-    inv_blocks = torch.linalg.inv(blocks)  # (G, g, g)
-    return torch.einsum("ngi,gij,ngj->ng", w, inv_blocks, w)
+    return obs_scores(to_groups(weight.float(), group_size), blocks)
 
 
 def obs_diag_group_saliency(weight: torch.Tensor, hinv: torch.Tensor, group_size: int) -> torch.Tensor:
