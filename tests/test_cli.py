@@ -223,3 +223,26 @@ def test_bench_kernel_runs_through_the_cli(capsys, tmp_path):
     assert "| shape" in stdout and json.loads(out.read_text())["measurements"]
     code, _, err = _run(capsys, "bench", "e2e")
     assert code == 2 and "unknown benchmark 'e2e'" in err
+
+
+def test_fast_is_the_cheap_variant_of_the_preset_and_flags_still_override_it(capsys, dense_dir, text_file, tmp_path):
+    out_dir = tmp_path / "fast"
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--fast", *calib(text_file))
+    assert code == 0, err
+    cfg = json.loads((out_dir / "compress_config.json").read_text())
+    assert cfg["bqpo"]["epochs"] == 1 and cfg["e2e"]["epochs"] == 0  # the w4s50 preset trains 2 + 1 epochs
+    assert (cfg["calib"]["samples"], cfg["calib"]["seq_len"]) == (4, 32)
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["bqpo_blocks"]) == 2 and "e2e" not in report
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "fast-e2e", "--fast", "--e2e-epochs", 1,
+                        *calib(text_file))
+    assert code == 0, err
+    assert json.loads((tmp_path / "fast-e2e" / "compress_config.json").read_text())["e2e"]["epochs"] == 1
+
+
+def test_a_method_without_training_drops_the_training_of_the_preset(capsys, dense_dir, tmp_path):
+    out_dir = tmp_path / "magnitude"
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--method", "magnitude")  # preset w4s50
+    assert code == 0, err
+    cfg = json.loads((out_dir / "compress_config.json").read_text())
+    assert cfg["method"] == "magnitude" and cfg["bqpo"]["epochs"] == 0 and cfg["e2e"]["epochs"] == 0

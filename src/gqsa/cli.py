@@ -32,6 +32,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=None, help="HF model dir or .gguf file (default: SmolLM2-135M)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
+    c.add_argument("--fast", action="store_true",
+                   help="the preset's cheap variant: 32 x 512-token calibration windows, at most one BQPO epoch, no "
+                        "E2E-OQP (flags given below still override it)")
     c.add_argument("--method", choices=COMPRESS_METHODS, help="override the preset's method")
     c.add_argument("--bits", type=int, help="override: code width (2, 3, 4, 8)")
     c.add_argument("--group-size", type=int, help="override: columns per group (power of two, 8..256)")
@@ -44,13 +47,14 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--saliency", choices=SALIENCIES, help="override: group importance of method gqsa")
     c.add_argument("--damp", type=float, help="override: Hessian dampening (relative to its mean diagonal)")
     c.add_argument("--calib-dataset", help="calibration text: packaged corpus name or .txt/.jsonl path (default wiki)")
-    c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
-    c.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
+    c.add_argument("--calib-samples", type=int, help="calibration windows (default: the preset's; 32 for w4s*)")
+    c.add_argument("--seq-len", type=int, help="tokens per calibration window (default: the preset's; 512 for w4s*)")
     c.add_argument("--seed", type=int, help="seed of the calibration window sampler (default 0)")
-    c.add_argument("--bqpo-epochs", type=int, help="block-wise training epochs after the one-shot step (0 = off)")
+    c.add_argument("--bqpo-epochs", type=int,
+                   help="block-wise training epochs after the one-shot step (0 = off; w4s* presets: 2)")
     c.add_argument("--bqpo-lr-weight", type=float, help="BQPO learning rate of the weights")
     c.add_argument("--bqpo-lr-qparams", type=float, help="BQPO learning rate of scales and zero points")
-    c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off)")
+    c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off; w4s*: 1)")
     c.add_argument("--e2e-lr", type=float, help="E2E-OQP learning rate of the scales")
     c.add_argument("--e2e-zero-point", action="store_true", help="E2E-OQP also trains the zero points")
     c.add_argument("--activation-budget-mb", type=int, default=None,
@@ -95,9 +99,11 @@ def _override(spec, **values):
 
 
 def _resolve_compress_config(args):
-    from gqsa.config import QuantSpec, parse_nm, preset
+    from gqsa.config import QuantSpec, fast, parse_nm, preset
 
     cfg = preset(args.preset)
+    if args.fast:
+        cfg = fast(cfg)
     ratio = args.sparsity
     nm = parse_nm(args.pattern)
     if nm is not None and ratio is None:
@@ -113,16 +119,23 @@ def _resolve_compress_config(args):
             raise ValueError(f"pattern {sparsity.pattern!r} leaves the kept weights in float; {', '.join(given)} "
                              "do(es) not apply")
         quant = None
+    method = args.method or cfg.method
+    # The training a preset brings applies to the methods that support it (flags asking for it still apply).
+    bqpo, e2e = cfg.bqpo, cfg.e2e
+    if method == "magnitude" and args.bqpo_epochs is None:
+        bqpo = bqpo.replace(epochs=0)
+    if method != "gqsa" and args.e2e_epochs is None:
+        e2e = e2e.replace(epochs=0)
     return cfg.replace(
-        method=args.method or cfg.method,
+        method=method,
         quant=quant,
         sparsity=sparsity,
         calib=_override(cfg.calib, dataset=args.calib_dataset, samples=args.calib_samples, seq_len=args.seq_len,
                         seed=args.seed),
         oneshot=_override(cfg.oneshot, saliency=args.saliency, damp=args.damp),
-        bqpo=_override(cfg.bqpo, epochs=args.bqpo_epochs, lr_weight=args.bqpo_lr_weight,
+        bqpo=_override(bqpo, epochs=args.bqpo_epochs, lr_weight=args.bqpo_lr_weight,
                        lr_qparams=args.bqpo_lr_qparams),
-        e2e=_override(cfg.e2e, epochs=args.e2e_epochs, lr=args.e2e_lr,
+        e2e=_override(e2e, epochs=args.e2e_epochs, lr=args.e2e_lr,
                       train_zero_point=True if args.e2e_zero_point else None),
     )
 

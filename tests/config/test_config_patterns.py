@@ -69,3 +69,18 @@ def test_the_issue_presets_exist():
                  "2of4-sparsegpt", "2of4-wanda", "s50-sparsegpt", "s50-wanda"]:
         assert name in PRESETS
     assert PRESETS["s50-wanda"].sparsity.allocation == "row"  # Wanda compares weights per output row
+
+
+def test_gqsa_presets_train_and_baselines_stay_one_shot():
+    from gqsa.config import FAST_CALIB, fast
+
+    for r in (20, 30, 40, 50, 60):
+        cfg = PRESETS[f"w4s{r}"]
+        assert cfg.bqpo.epochs > 0 and cfg.e2e.epochs > 0 and cfg.sparsity.ratio == r / 100
+    for name in ("w2g64", "w4g128", "rtn-w4g64", "2of4-sparsegpt", "s50-wanda", "magnitude-w4s50"):
+        assert PRESETS[name].bqpo.epochs == 0 and PRESETS[name].e2e.epochs == 0, name
+    for name, cfg in PRESETS.items():
+        f = fast(cfg)
+        assert f.calib.samples <= FAST_CALIB.samples and f.calib.seq_len <= FAST_CALIB.seq_len, name
+        assert f.bqpo.epochs == min(cfg.bqpo.epochs, 1) and f.e2e.epochs == 0, name
+        assert (f.method, f.quant, f.sparsity, f.oneshot) == (cfg.method, cfg.quant, cfg.sparsity, cfg.oneshot)
