@@ -20,7 +20,7 @@ def test_kernel_benchmark_writes_json_and_markdown(tmp_path, capsys):
     names = {r["candidate"] for r in rows}
     assert {"torch-fp32", "torch-bf16"} <= names
     if "cpu" in available_backends("cpu"):
-        assert {"gqsa-cpu", "gqsa-cpu-rowsplit"} <= names
+        assert {"gqsa-cpu", "gqsa-cpu-rowsplit", "gqsa-cpu-a8"} <= names
     assert {(r["shape"], r["batch"]) for r in rows} == {(s, b) for s in ("48x128", "32x64") for b in (1, 3)}
     assert all(r["median_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
     assert all(r["speedup_vs_fp32"] == 1.0 for r in rows if r["candidate"] == "torch-fp32")

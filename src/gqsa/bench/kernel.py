@@ -132,9 +132,9 @@ def _gqsa_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes:
                                          for name, t in packed.tensors_with_none().items()},
                                       out_features=n_out, in_features=k, group_size=args.group_size,
                                       bits=args.bits) for _ in range(n - 1)]
-    usable = available_backends("cpu")
+    usable = available_backends("cpu", approximate=True)
     out = []
-    for backend in ("cpu", "cpu-rowsplit"):
+    for backend in ("cpu", "cpu-rowsplit", "cpu-a8"):
         if backend not in usable:
             notes.append(f"gqsa-{backend} skipped: the native extension is not built")
             continue

@@ -29,7 +29,9 @@ class Kernel:
     """One implementation of ``gqsa::linear``.
 
     fn has the op's signature minus ``backend``; ``available()`` says whether it can run in this process
-    (e.g. its extension compiled); ``priority``: higher is preferred by ``auto``.
+    (e.g. its extension compiled); ``priority``: higher is preferred by ``auto``. ``exact``: computes the op on
+    the given x (False: an approximation such as int8 activations, which ``auto`` never picks and
+    ``available_backends`` lists only when asked).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Kernel:
     fn: Callable[..., torch.Tensor]
     available: Callable[[], bool]
     priority: int = 0
+    exact: bool = True
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -50,9 +53,11 @@ def register_kernel(kernel: Kernel) -> None:
     _KERNELS[kernel.name] = kernel
 
 
-def available_backends(device_type: str = "cpu") -> list[str]:
-    """Names accepted as ``backend`` for tensors on ``device_type`` (always includes auto and reference)."""
-    names = [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority) if _usable(k, device_type)]
+def available_backends(device_type: str = "cpu", approximate: bool = False) -> list[str]:
+    """Names accepted as ``backend`` for tensors on ``device_type`` (always includes auto and reference); the
+    approximate kernels (``Kernel.exact`` False) only with ``approximate=True``."""
+    names = [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)
+             if _usable(k, device_type) and (k.exact or approximate)]
     return [Backend.AUTO.value, Backend.REFERENCE.value, *names]
 
 
@@ -70,7 +75,7 @@ def select_kernel(backend: str, device_type: str, reference: Callable[..., torch
         return reference
     if backend == Backend.AUTO.value:
         for kernel in sorted(_KERNELS.values(), key=lambda k: -k.priority):
-            if _usable(kernel, device_type):
+            if kernel.exact and _usable(kernel, device_type):
                 return kernel.fn
         key = ("auto", device_type)
         if key not in _warned:
@@ -84,6 +89,6 @@ def select_kernel(backend: str, device_type: str, reference: Callable[..., torch
     if not _usable(kernel, device_type):
         raise ValueError(
             f"gqsa backend {backend!r} cannot run on device type {device_type!r} here; "
-            f"available: {available_backends(device_type)}"
+            f"available: {available_backends(device_type, approximate=True)}"
         )
     return kernel.fn

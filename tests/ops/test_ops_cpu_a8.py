@@ -1,0 +1,111 @@
+"""The int8-activation kernel ("cpu-a8"): x quantized per 16 columns, integer dot products.
+
+Its oracle is the reference op applied to the dequantized int8 activations (gqsa.quant.activations), which the
+kernel must match to float32 summation-order error; the quantization itself is checked bit for bit against the
+native one. "auto" never picks it.
+"""
+
+import pytest
+import torch
+
+from gqsa.format import quantize_to_packed
+from gqsa.ops import available_backends, packed_linear
+from gqsa.ops import cpu as cpu_kernels
+from gqsa.quant.activations import dequantize_activations, quantize_activations
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="gqsa._native_cpu is not built")
+
+N, GROUPS = 37, 7
+
+
+def _packed(group_size: int, symmetric: bool, bits: int = 4, seed: int = 0, groups: int = GROUPS):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, group_size * groups, generator=gen) * 0.1  # (N, K)
+    mask = torch.rand(N, groups, generator=gen) < 0.5
+    mask[0] = True
+    mask[5] = False
+    mask[-1] = False
+    return quantize_to_packed(w, mask, bits, group_size, symmetric=symmetric)
+
+
+def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[0, :16] = 0.0  # an all-zero activation group
+    x[-1, 16:32] *= 50.0  # an outlier group
+    return x
+
+
+def _oracle(x, p, bias=None):
+    return packed_linear(dequantize_activations(*quantize_activations(x)), p, bias, backend="reference")
+
+
+def _scale(x, p):
+    """|x'| @ |W|^T: the size of the terms summed, for an error bound relative to cancellation."""
+    w = packed_linear(torch.eye(p.in_features), p, backend="reference").T.abs()  # (N, K) dense |W|
+    return dequantize_activations(*quantize_activations(x)).abs() @ w.T
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 17])
+def test_a8_equals_the_reference_on_quantized_activations(group_size, symmetric, m):
+    p = _packed(group_size, symmetric)
+    x = _x(m, p.in_features)
+    got = packed_linear(x, p, backend="cpu-a8")
+    want = _oracle(x, p)
+    assert (got - want).abs().max() <= 1e-5 * _scale(x, p).max()
+    assert not torch.equal(got, packed_linear(x, p, backend="reference"))  # it did quantize x
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_a8_threads_and_bias(monkeypatch, num_threads):
+    monkeypatch.setattr(cpu_kernels, "MIN_GROUPS_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        p = _packed(16, False, groups=33)
+        bias = torch.randn(N)
+        x = _x(2, p.in_features)
+        got = packed_linear(x, p, bias, backend="cpu-a8")
+        assert (got - _oracle(x, p, bias)).abs().max() <= 1e-5 * _scale(x, p).max()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_scalar_path_matches_the_avx2_path():
+    p = _packed(16, False)
+    x = _x(3, p.in_features)
+    args = (x, p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point, None, p.out_features,
+            p.in_features, p.group_size, p.bits)
+    avx = cpu_kernels.native_linear(*args, act8=True)
+    scalar = cpu_kernels.native_linear(*args, act8=True, isa_=cpu_kernels.ISA_SCALAR)
+    assert (avx - scalar).abs().max() <= 1e-5 * _scale(x, p).max()
+
+
+def test_native_activation_quantization_is_bit_exact():
+    x = _x(5, 160)
+    x[1, 3] = 0.5 / 127 * 3  # values near rounding ties
+    xq, xs = quantize_activations(x)
+    got_q, got_s = torch.empty(5, 160, dtype=torch.int8), torch.empty(5, 10)
+    cpu_kernels._extension().quantize_x(x.data_ptr(), got_q.data_ptr(), got_s.data_ptr(), 5, 160)
+    assert torch.equal(got_q, xq) and torch.equal(got_s, xs)
+    assert xq.abs().max() == 127 and torch.all(xs[0, 0] == 0)
+
+
+def test_other_bits_use_the_exact_kernel_and_auto_never_picks_a8():
+    p = _packed(16, False, bits=3)
+    x = _x(2, p.in_features)
+    assert torch.equal(packed_linear(x, p, backend="cpu-a8"), packed_linear(x, p, backend="cpu"))
+    assert "cpu-a8" not in available_backends("cpu") and "cpu-a8" in available_backends("cpu", approximate=True)
+    p4 = _packed(16, False)
+    x4 = _x(1, p4.in_features)
+    assert torch.equal(packed_linear(x4, p4), packed_linear(x4, p4, backend="cpu"))
+
+
+def test_activation_quantization_error_is_small_against_the_exact_op():
+    """What int8 activations cost: relative output error on Gaussian activations (~0.5%)."""
+    p = _packed(16, False, groups=64)
+    x = torch.randn(4, p.in_features, generator=torch.Generator().manual_seed(3))
+    exact = packed_linear(x, p, backend="reference")
+    err = (packed_linear(x, p, backend="cpu-a8") - exact).norm() / exact.norm()
+    assert 1e-4 < err < 2e-2
