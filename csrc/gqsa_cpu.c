@@ -21,6 +21,8 @@
  *
  * Per row segment (the entries of one row inside a thread's range), each entry is unpacked once per call into
  * float32 weights s * (q - z) (exactly the reference's float32 weight) and used for all M rows of x:
+ *   M = 1, 4 bits, group 16 (AVX2, the decode case of the default format): b1_g16_q4_avx2, which computes
+ *         s * (q . x - z * sum(x)) instead (same sum, other rounding; about 15% faster);
  *   M <= 8 (AVX2): fused, the weights stay in registers and meet the M rows' x at once (tile_avx2);
  *   otherwise: 1. dequantize the segment into a per-thread buffer w (ne, g) and record x offsets j * g;
  *              2. dot: for every tile of up to 8 rows of x, accumulate w . x[m, offsets] in registers.
@@ -53,6 +55,8 @@
 enum { MODE_TASK = 0, MODE_ROWS = 1 };
 enum { ISA_AUTO = 0, ISA_SCALAR = 1 };
 enum { MAX_TILE_M = 8 };
+/* software prefetch distance of the batch-1 loop, in kept groups */
+enum { PREFETCH_ENTRIES = 128 };
 
 /* One call's problem; pointers borrowed from the caller's tensors. */
 typedef struct {
@@ -72,6 +76,10 @@ typedef struct {
     const int8_t *xq;        /* (M, ldq) or NULL: the float path */
     const float *xs;         /* (M, K / 16) */
     int64_t ldq;             /* row stride of xq (>= K) */
+    /* batch-1 path for 4-bit group-16 weights (AVX2): x with each group's columns reordered even-then-odd (the
+       lane order of unpacked nibbles) and the per-group sums of x, for the zero-point term */
+    const float *xp;         /* (K,) or NULL */
+    const float *sx;         /* (K / 16,) */
 } Problem;
 
 /* A row cut by a range boundary: its row index (-1: unused) and its M partial sums. */
@@ -282,9 +290,68 @@ GQSA_AVX2 static void tile_dispatch_avx2(const Problem *p, int64_t a, int64_t b,
     }
 }
 
+/*
+ * Batch 1, 4-bit codes, group 16: out = sum_e s_e * (q_e . xp_j - z_e * sx_j). The 8 code bytes of an entry are
+ * zero-extended to 8 int32 lanes (byte i holds codes 2i and 2i+1): the low nibbles are the even columns, the high
+ * nibbles the odd ones, which is the order of xp. About half the vector instructions of the general tile: no
+ * per-group broadcast of the code bytes, no zero-point subtraction in the lanes (it is one scalar multiply-add
+ * per group), and the scale applied once per group. Two entries per iteration, each with its own accumulators,
+ * so that no dependency chain is longer than one FMA per two groups.
+ */
+GQSA_AVX2_INLINE __m256 b1_group(const Problem *p, int64_t e, const float s) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
+    const float *xe = p->xp + col_at(p, e) * 16;
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    return _mm256_mul_ps(_mm256_fmadd_ps(lo, _mm256_loadu_ps(xe), _mm256_mul_ps(hi, _mm256_loadu_ps(xe + 8))),
+                         _mm256_set1_ps(s));
+}
+
+/* One entry of b1_g16_q4_avx2: acc += s q . xp_j; returns s z sx_j. */
+GQSA_AVX2_INLINE float b1_one(const Problem *p, int64_t e, int z, __m256 *acc) {
+    const float s = _cvtsh_ss(p->scale[e]);
+    *acc = _mm256_add_ps(*acc, b1_group(p, e, s));
+    return s * (float)z * p->sx[col_at(p, e)];
+}
+
+GQSA_AVX2 static void b1_g16_q4_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float z0 = 0.0f, z1 = 0.0f;
+    int64_t e = a;
+    if ((e & 1) && e < b) { /* pairs start at even entries: their two zero points share one byte */
+        z0 += b1_one(p, e, zero_at_bits(p, e, 4), &acc0);
+        ++e;
+    }
+    for (; e + 1 < b; e += 2) {
+        _mm_prefetch((const char *)(p->values + (e + PREFETCH_ENTRIES) * 8), _MM_HINT_T0);
+        const int zz = p->zero ? p->zero[e >> 1] : 0x88;
+        z0 += b1_one(p, e, zz & 0xF, &acc0);
+        z1 += b1_one(p, e + 1, zz >> 4, &acc1);
+    }
+    if (e < b) z0 += b1_one(p, e, zero_at_bits(p, e, 4), &acc0);
+    *out = hsum_avx2(_mm256_add_ps(acc0, acc1)) - (z0 + z1);
+}
+
+/* xp and sx of b1_g16_q4_avx2 from x (K,). */
+static void b1_prepare(const float *x, int64_t K, float *xp, float *sx) {
+    for (int64_t j = 0; j < K / 16; ++j) {
+        const float *v = x + j * 16;
+        float *d = xp + j * 16, sum = 0.0f;
+        for (int i = 0; i < 8; ++i) {
+            d[i] = v[2 * i];
+            d[8 + i] = v[2 * i + 1];
+        }
+        for (int c = 0; c < 16; ++c) sum += v[c];
+        sx[j] = sum;
+    }
+}
+
 /* Fused path, M <= MAX_TILE_M: out (M,) for entries [a, b) of one row, unpacked in registers. */
 GQSA_AVX2 static void fused_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
-    tile_dispatch_avx2(p, a, b, p->x, out, NULL, (int)p->M);
+    if (p->xp)
+        b1_g16_q4_avx2(p, a, b, out);
+    else
+        tile_dispatch_avx2(p, a, b, p->x, out, NULL, (int)p->M);
 }
 
 /* Two-phase path, phase 2: out (M,) from the row segment w (b - a, g) dequantized by dequant_avx2. */
@@ -563,7 +630,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     Problem padded = *problem, *p = &padded;
     float *xcopy = NULL;
     int8_t *xq = NULL;
-    float *xs = NULL;
+    float *xs = NULL, *xb1 = NULL;
     if (act8) {
         padded.ldq = p->K + 64; /* a cache line of padding: no 4 KiB aliasing between rows */
         xq = malloc((size_t)(p->M * padded.ldq));
@@ -576,6 +643,12 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
         quantize_x(p->x, p->M, p->K, p->ldx, xq, padded.ldq, xs);
         padded.xq = xq;
         padded.xs = xs;
+    } else if (p->M == 1 && p->bits == 4 && p->g == 16 && use_avx2(isa)) {
+        xb1 = malloc((size_t)(p->K + p->K / 16) * sizeof(float));
+        if (xb1 == NULL) return -1;
+        b1_prepare(p->x, p->K, xb1, xb1 + p->K);
+        padded.xp = xb1;
+        padded.sx = xb1 + p->K;
     } else if (p->M > 1 && (p->K * (int64_t)sizeof(float)) % 4096 == 0) {
         xcopy = padded_x(problem, &padded.ldx);
         if (xcopy == NULL) return -1;
@@ -587,6 +660,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
         free(xcopy);
         free(xq);
         free(xs);
+        free(xb1);
         return 0;
     }
     if (threads < 1) threads = 1;
@@ -634,6 +708,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     free(xcopy);
     free(xq);
     free(xs);
+    free(xb1);
     return failed ? -1 : 0;
 }
 
@@ -692,6 +767,8 @@ static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, in
     p->ldx = K;
     p->xq = NULL;
     p->xs = NULL;
+    p->xp = NULL;
+    p->sx = NULL;
     p->ldq = K;
     p->nnz = nnz;
     p->zero_nbytes = (nnz * p->bits + 7) / 8;
