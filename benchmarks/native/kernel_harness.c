@@ -8,17 +8,19 @@
  *   gcc -O3 -fopenmp -I$INC benchmarks/native/kernel_harness.c -o /tmp/harness -L$LIB -lpython3.11 -lm
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness        # asymmetric (stored zero points)
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness s      # symmetric
+ *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 16   # batch 16
  */
 #include "../../csrc/gqsa_cpu.c"
 #include <time.h>
 static double now(void){struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t); return t.tv_sec+1e-9*t.tv_nsec;}
 int main(int argc, char **argv){
   int64_t N=4096,K=4096,g=16,G=K/g; int sym = argc>1 && argv[1][0]=='s';
+  int64_t M = argc>2 ? atoi(argv[2]) : 1;
   int copies=4;
   Problem ps[4];
   srand(1);
-  float *x=malloc(K*4); for(int i=0;i<K;i++) x[i]=(float)rand()/RAND_MAX-0.5f;
-  float *y=malloc(N*4);
+  float *x=malloc(M*K*4); for(int64_t i=0;i<M*K;i++) x[i]=(float)rand()/RAND_MAX-0.5f;
+  float *y=malloc(M*N*4);
   for(int c=0;c<copies;c++){
     int32_t *crow=malloc((N+1)*4); int16_t *col=malloc(N*G*2); crow[0]=0; int64_t nnz=0;
     for(int64_t r=0;r<N;r++){ for(int64_t j=0;j<G;j++) if(rand()&1) col[nnz++]=(int16_t)j; crow[r+1]=(int32_t)nnz; }
@@ -26,11 +28,11 @@ int main(int argc, char **argv){
     uint16_t *sc=malloc(nnz*2); for(int64_t i=0;i<nnz;i++) sc[i]=0x2000+(rand()&0x3ff);
     uint8_t *z=malloc((nnz+1)/2); for(int64_t i=0;i<(nnz+1)/2;i++) z[i]=rand();
     Problem p={0}; p.x=x; p.crow=crow; p.col=col; p.col_int32=0; p.values=vals; p.scale=sc; p.zero=sym?NULL:z;
-    p.zero_nbytes=(nnz*4+7)/8; p.y=y; p.M=1; p.N=N; p.K=K; p.nnz=nnz; p.ldx=K; p.ldq=K; p.g=g; p.bits=4;
+    p.zero_nbytes=(nnz*4+7)/8; p.y=y; p.M=M; p.N=N; p.K=K; p.nnz=nnz; p.ldx=K; p.ldq=K; p.g=g; p.bits=4;
     ps[c]=p;
   }
   double best=1e9, tot=0; int reps=200;
   for(int r=0;r<reps;r++){ double t=now(); linear(&ps[r%copies],1,MODE_TASK,ISA_AUTO,0); t=now()-t; tot+=t; if(t<best)best=t; }
-  printf("%s best %.3f ms mean %.3f ms\n", sym?"sym":"asym", best*1e3, tot/reps*1e3);
+  printf("%s M=%ld best %.3f ms mean %.3f ms\n", sym?"sym":"asym", (long)M, best*1e3, tot/reps*1e3);
   return 0;
 }
