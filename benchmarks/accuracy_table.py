@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_smollm2.json"
 DOC = ROOT / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+ABLATION_BEGIN, ABLATION_END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
 
 # row name -> (preset, overrides of the preset as {spec: {field: value}}, table section)
 ROWS: dict[str, tuple[str | None, dict, str]] = {
@@ -216,16 +217,58 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
+# The ablation of issue 4: each setting one-shot, after BQPO, after BQPO + E2E-OQP (None: not applicable).
+ABLATION: dict[str, tuple[str, str, str | None]] = {
+    **{f"GQSA W4S{r} g16": (f"w4s{r}-g16", f"w4s{r}-g16+bqpo", f"w4s{r}-g16+bqpo+e2e") for r in (30, 40, 50, 60)},
+    "GPTQ W2 g64": ("gptq-w2g64", "gptq-w2g64+bqpo", "gptq-w2g64+bqpo+e2e"),
+    "SparseGPT 2:4 (fp16)": ("2of4-sparsegpt", "2of4-sparsegpt+bqpo", None),
+}
+
+
+def render_ablation(data: dict) -> str:
+    """One line per setting: bits per weight, then wiki / c4 perplexity and CPU time one-shot, +BQPO, +E2E-OQP."""
+    rows = data["rows"]
+    datasets = data.get("settings", {}).get("datasets", ["wiki", "c4"])
+
+    def cell(row: str | None) -> str:
+        if row is None:
+            return "n/a"
+        e = rows.get(row)
+        if e is None:
+            return "not measured"
+        cpu = e.get("compress_cpu_s")
+        ppl = " / ".join(_fmt_ppl(e.get(f"ppl_{d}")) for d in datasets)
+        return ppl + ("" if cpu is None else f" ({cpu / 60:.0f} min)")
+
+    lines = [
+        f"Perplexity {' / '.join(datasets)} (compression CPU time, one thread); same calibration and evaluation "
+        "as the table above.",
+        "",
+        "| setting | bits/weight | one-shot | + BQPO | + BQPO + E2E-OQP |",
+        "|---|---:|---|---|---|",
+    ]
+    for name, stages in ABLATION.items():
+        bpw = next((rows[r]["bits_per_weight"] for r in stages if r in rows and "bits_per_weight" in rows[r]), None)
+        lines.append(f"| {name} | {'-' if bpw is None else f'{bpw:.2f}'} | "
+                     + " | ".join(cell(r) for r in stages) + " |")
+    return "\n".join(lines)
+
+
+def _replace_block(text: str, begin: str, end: str, table: str) -> str:
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_doc(table: str, ablation: str | None = None) -> None:
     from gqsa.utils.io import atomic_write_text
 
     text = DOC.read_text() if DOC.exists() else "# Results\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    text = _replace_block(text, BEGIN, END, table)
+    if ablation is not None:
+        text = _replace_block(text, ABLATION_BEGIN, ABLATION_END, ablation)
     atomic_write_text(DOC, text)
 
 
@@ -291,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in entry.items()
                                   if k not in ("config", "groups_pruned_per_layer", "bqpo_blocks")}), flush=True)
     if not args.no_doc:
-        write_doc(render(data))
+        write_doc(render(data), render_ablation(data))
     print(render(data))
+    print()
+    print(render_ablation(data))
     return 0
 
 

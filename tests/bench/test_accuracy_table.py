@@ -42,3 +42,15 @@ def test_render_orders_rows_and_formats_numbers():
     lines = [line for line in table.render(data).splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert lines[0].startswith("| reference | dense | 32 (fp32)") and "11.33" in lines[0]
     assert "| w4s50-g16 | 2.50 | 50.0% | 2,251 |" in lines[1]
+
+
+def test_ablation_rows_exist_and_render():
+    for stages in table.ABLATION.values():
+        assert all(r is None or r in table.ROWS for r in stages)
+    data = {"settings": {"datasets": ["wiki", "c4"]}, "rows": {
+        "w4s50-g16": {"bits_per_weight": 3.17, "ppl_wiki": 2251.0, "ppl_c4": 3999.0, "compress_cpu_s": 300},
+        "w4s50-g16+bqpo": {"bits_per_weight": 3.17, "ppl_wiki": 90.5, "ppl_c4": 150.25, "compress_cpu_s": 1200},
+    }}
+    line = next(x for x in table.render_ablation(data).splitlines() if x.startswith("| GQSA W4S50"))
+    assert line == "| GQSA W4S50 g16 | 3.17 | 2,251 / 3,999 (5 min) | 90.50 / 150.25 (20 min) | not measured |"
+    assert "| SparseGPT 2:4 (fp16) | - | not measured | not measured | n/a |" in table.render_ablation(data)
