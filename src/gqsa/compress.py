@@ -248,7 +248,7 @@ def compress_model(
     if config.e2e.epochs:
         from gqsa.algorithms.e2e_oqp import e2e_oqp
 
-        e2e = e2e_oqp(model, calib_ids, config.e2e)
+        e2e = e2e_oqp(model, calib_ids, config.e2e, progress=progress)
     packed = config.sparsity.pattern == "group"
     report = {
         "config": config.to_dict(),

@@ -49,12 +49,13 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec) -> dict:
+def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: bool = True) -> dict:
     """Train the scales (and zero points) of every packed layer of ``model`` on the LM loss of ``calib_ids``.
 
     Args:
         model: a transformers causal LM whose compressed layers are GQSALinear (modified in place).
         calib_ids: (n, L) token windows; the last ``spec.val_windows`` are held out for early stopping.
+        progress: a progress bar of optimizer steps.
 
     Returns:
         {"loss_before", "loss_after" (held-out mean next-token loss), "epochs_run", "steps", "layers"}.
@@ -85,7 +86,7 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec) -> dict:
             groups.append({"params": zeros, "lr": spec.lr_zero_point, "weight_decay": 0.0})
         result = fit(groups, window_loss, calib_ids.shape[0],
                      spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, spec.seed,
-                     label="E2E-OQP")
+                     label="E2E-OQP", progress=progress)
     finally:
         if checkpointing:
             _checkpointing(model, False)

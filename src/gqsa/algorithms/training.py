@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ def fit(
     patience: int,
     seed: int,
     label: str = "training",
+    progress: bool = False,
 ) -> dict:
     """Minimise the mean of ``window_loss(i)`` over training windows.
 
@@ -34,6 +36,7 @@ def fit(
         n_windows: windows 0..n-1; the last ``val_windows`` are held out when at least one is left to train on.
         epochs, batch_size (windows per optimizer step), grad_clip (0 = none), patience (epochs without a lower
         held-out loss before stopping), seed (window order).
+        label, progress: a progress bar of optimizer steps named ``label``.
 
     Returns:
         {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
@@ -57,6 +60,7 @@ def fit(
     before = best = held_out()
     best_state = [p.detach().clone() for p in params]
     bad = epochs_run = steps = 0
+    bar = tqdm(total=total, desc=label, unit="step", disable=not progress)
     try:
         for _ in range(epochs):
             order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
@@ -74,8 +78,10 @@ def fit(
                 opt.step()
                 sched.step()
                 steps += 1
+                bar.update()
             epochs_run += 1
             loss = held_out()
+            bar.set_postfix(held_out=f"{loss:.4g}", start=f"{before:.4g}")
             logger.debug("%s epoch %d: train loss %.4g, held-out loss %.4g (start %.4g)", label, epochs_run,
                          train_loss, loss, before)
             if loss < best:
@@ -86,6 +92,7 @@ def fit(
                 if bad >= patience:
                     break
     finally:
+        bar.close()
         with torch.no_grad():
             for p, saved in zip(params, best_state):
                 p.copy_(saved)
