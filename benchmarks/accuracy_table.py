@@ -36,7 +36,7 @@ ROWS: dict[str, tuple[str | None, dict, str]] = {
     **{f"w4s{r}-g{g}": ("w4s50", {"sparsity": {"ratio": r / 100}, "quant": {"group_size": g}}, "GQSA one-shot")
        for g, r in ((16, 30), (16, 40), (16, 50), (16, 60), (32, 50))},
     # Group 128 does not divide SmolLM2's hidden size (576 = 9 x 64): its dense baselines use groups 32 and 64.
-    **{f"gptq-w{b}g{g}": ("w2g64", {"quant": {"bits": b, "group_size": g}}, "GPTQ (dense, group quantization)")
+    **{f"gptq-w{b}g{g}": (f"w{b}g64", {"quant": {"group_size": g}}, "GPTQ (dense, group quantization)")
        for b in (2, 3, 4) for g in (32, 64)},
     **{f"rtn-w{b}g{g}": ("rtn-w2g64", {"quant": {"bits": b, "group_size": g}}, "round to nearest (dense)")
        for b in (2, 3, 4) for g in (32, 64)},
@@ -236,9 +236,11 @@ def render_ablation(data: dict) -> str:
         e = rows.get(row)
         if e is None:
             return "not measured"
-        cpu = e.get("compress_cpu_s")
+        cpu, wall = e.get("compress_cpu_s"), e.get("compress_time_s")
         ppl = " / ".join(_fmt_ppl(e.get(f"ppl_{d}")) for d in datasets)
-        return ppl + ("" if cpu is None else f" ({cpu / 60:.0f} min)")
+        if cpu is not None:
+            return ppl + f" ({cpu / 60:.0f} min)"
+        return ppl + ("" if wall is None else f" ({wall / 60:.0f} min wall, shared machine)")
 
     lines = [
         f"Perplexity {' / '.join(datasets)} (compression CPU time, one thread); same calibration and evaluation "

@@ -54,3 +54,13 @@ def test_ablation_rows_exist_and_render():
     line = next(x for x in table.render_ablation(data).splitlines() if x.startswith("| GQSA W4S50"))
     assert line == "| GQSA W4S50 g16 | 3.17 | 2,251 / 3,999 (5 min) | 90.50 / 150.25 (20 min) | not measured |"
     assert "| SparseGPT 2:4 (fp16) | - | not measured | not measured | n/a |" in table.render_ablation(data)
+
+
+def test_gptq_rows_are_their_presets_with_the_group_size_changed():
+    from gqsa.config import preset
+
+    for b in (2, 3, 4):
+        cfg = table.resolve(f"gptq-w{b}g32", 8, 64)
+        assert cfg.quant.bits == b and cfg.quant.group_size == 32
+        assert cfg.oneshot == preset(f"w{b}g64").oneshot  # static qparams at 2 bits only
+    assert table.resolve("gptq-w2g32-dynamic", 8, 64).oneshot.static_qparams is False

@@ -19,12 +19,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _default_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask); mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename.
+
+    The file gets the permissions an existing ``path`` had, else those of a plainly created file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = _default_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
