@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 demo: install
 	@echo "== gqsa demo: compress SmolLM2-135M-Instruct ($(DEMO_PRESET)), measure, save, reload, generate =="
-	time $(VENV)/bin/gqsa compress --preset $(DEMO_PRESET) --out $(DEMO_OUT) --overwrite \
+	time $(VENV)/bin/gqsa compress --preset $(DEMO_PRESET) --fast --out $(DEMO_OUT) --overwrite \
 		--calib-dataset wiki --calib-samples 32 --seq-len 512 \
 		--eval --eval-dataset wiki --eval-seq-len 2048 --eval-max-tokens 16384 \
 		--sample-prompt "What is the capital of France?"
