@@ -221,8 +221,8 @@ def test_bench_kernel_runs_through_the_cli(capsys, tmp_path):
                              "--min-calls", 1, "--cold-mib", 1, "--json", out)
     assert code == 0, err
     assert "| shape" in stdout and json.loads(out.read_text())["measurements"]
-    code, _, err = _run(capsys, "bench", "e2e")
-    assert code == 2 and "unknown benchmark 'e2e'" in err
+    code, _, err = _run(capsys, "bench", "nope")
+    assert code == 2 and "unknown benchmark 'nope'" in err and "e2e" in err
 
 
 def test_fast_is_the_cheap_variant_of_the_preset_and_flags_still_override_it(capsys, dense_dir, text_file, tmp_path):
@@ -246,3 +246,45 @@ def test_a_method_without_training_drops_the_training_of_the_preset(capsys, dens
     assert code == 0, err
     cfg = json.loads((out_dir / "compress_config.json").read_text())
     assert cfg["method"] == "magnitude" and cfg["bqpo"]["epochs"] == 0 and cfg["e2e"]["epochs"] == 0
+
+
+# ---- generate --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory, dense_dir):
+    out_dir = tmp_path_factory.mktemp("packed") / "magnitude"
+    code = main(["compress", str(dense_dir), "--out", str(out_dir), "--preset", "magnitude-w4s50"])
+    assert code == 0
+    return out_dir
+
+
+def test_generate_streams_samples_reproducibly_and_packs_the_lm_head(capsys, packed_dir):
+    args = ("generate", packed_dir, "--prompt", "The quick", "--max-new-tokens", 6, "--no-chat-template")
+    code, greedy, err = _run(capsys, *args)
+    assert code == 0 and "[backend " in err and "tokens/s]" in err
+    code, streamed, _ = _run(capsys, *args, "--stream")
+    assert code == 0 and streamed.strip() == greedy.strip()
+    sampling = ("--temperature", 1.5, "--top-p", 0.9, "--seed", 7)
+    first, second = (_run(capsys, *args, *sampling)[1] for _ in range(2))
+    assert first == second
+    code, _, err = _run(capsys, *args, "--lm-head-bits", 8)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--max-new-tokens", 0), "max_new_tokens must be a positive integer"),
+    (("--temperature", -1), "temperature must be >= 0"),
+    (("--top-p", 1.5), "top_p must be in (0, 1]"),
+    (("--prompt", ""), "--prompt is empty"),
+])
+def test_generate_bad_arguments_are_named(capsys, packed_dir, flags, message):
+    code, _, err = _run(capsys, "generate", packed_dir, "--prompt", "Hi", *flags)
+    assert code == 1 and message in err
+
+
+def test_bench_e2e_runs_through_the_cli(capsys, dense_dir):
+    code, out, err = _run(capsys, "bench", "e2e", dense_dir, "--candidates", "gqsa", "--prompt-len", 4,
+                          "--new-tokens", 2, "--repeats", 1, "--threads", 1, "--json")
+    assert code == 0, err
+    assert json.loads(out)["rows"][0]["candidate"] == "gqsa"

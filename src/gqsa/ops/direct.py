@@ -1,0 +1,217 @@
+"""Direct kernel calls bound to one packed weight: the inference fast path beside ``torch.ops.gqsa.linear``.
+
+A call of the registered op pays for the dispatcher, the argument checks and the backend lookup on every call:
+measured at 576x576, batch 1, one thread, about 0.1 ms per call on top of a 0.05 ms kernel, which is most of a
+small model's decode step. :func:`bind_linear` does that work once for a weight and returns a function of ``x``
+alone that calls the same kernel with the same arguments, so its result is bit for bit the op's.
+
+The op stays the public path and the oracle: ``GQSALinear`` uses a bound function only where no autograd, no
+tracing and no tensor subclass is involved (see ``GQSALinear.forward``); everything else calls the op. For
+graphs that ``torch.compile`` traces for inference, ``gqsa::linear_direct`` is the same native call as an op whose
+checks run once, at trace time (internal; its only caller is ``GQSALinear``).
+
+The native path uses ``gqsa.ops.cpu``'s extension handle, argument packing and thresholds (``_extension``,
+``_problem_args``, ``MAX_NATIVE_BATCH``, ``MIN_GROUPS_PER_THREAD``), so that it stays the same call as
+``native_linear``; tests/ops/test_ops_direct.py compares the two bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gqsa.ops.backends import select_kernel
+from gqsa.ops.linear import ACTIVATION_DTYPES, _check_args, reference_linear
+
+
+class BoundLinear:
+    """``x -> gqsa::linear(x, W, bias, backend)`` for one packed weight W, without the op's per-call work.
+
+    ``sources`` are the tensors it was bound to (identity and data pointer are checked by ``is_bound_to``, so
+    a layer notices moved or replaced buffers). Call it with x: (..., in_features) on the weight's device, in
+    the bias's dtype when there is a bias; returns (..., out_features) in x's dtype.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], sources: tuple, backend: str,
+                 in_features: int, native_mode: int | None = None) -> None:
+        self._fn = fn
+        self.sources = sources
+        self.backend = backend
+        self.in_features = in_features
+        self.native_mode = native_mode  # the native CPU kernel's split mode, None for any other backend
+        self._ptrs = tuple(0 if t is None else t.data_ptr() for t in sources)
+
+    def is_bound_to(self, sources: tuple, backend: str) -> bool:
+        """Whether this function still computes with exactly these tensors and this backend."""
+        if backend != self.backend:
+            return False
+        for mine, theirs, ptr in zip(self.sources, sources, self._ptrs):
+            if mine is not theirs or (theirs is not None and theirs.data_ptr() != ptr):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+
+def bind_linear(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    bits: int,
+    backend: str = "auto",
+) -> BoundLinear:
+    """Bind ``gqsa::linear`` to one packed weight (arguments as ``torch.ops.gqsa.linear``, checked here once).
+
+    Args:
+        crow_indices, col_indices, values, scale, zero_point, bias: the packed tensors (docs/FORMAT.md) and the
+            optional (out_features,) bias, all on one device.
+        out_features, in_features, group_size, bits: the weight's dimensions and code width.
+        backend: "auto", "reference" or a registered kernel name, resolved now for the tensors' device.
+
+    Returns:
+        A BoundLinear; calling it gives what the op gives for the same x.
+
+    Raises:
+        ValueError: invalid tensors, or a backend that is unknown or cannot run on this device.
+    """
+    dtype = bias.dtype if bias is not None else torch.float32
+    probe = torch.empty(1, in_features, dtype=dtype, device=values.device)
+    weight = (crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features, group_size,
+              bits)
+    _check_args(probe, *weight)
+    fn = select_kernel(backend, values.device.type, reference_linear)
+    sources = (crow_indices, col_indices, values, scale, zero_point, bias)
+    mode = _native_mode(fn, values.device)
+    bound = None if mode is None else _bind_native(mode, *weight)
+    if bound is None:
+        bias_dtype = None if bias is None else bias.dtype
+
+        def bound(x: torch.Tensor) -> torch.Tensor:
+            _check_x(x, in_features, bias_dtype, values.device)
+            return fn(x, *weight)
+    return BoundLinear(bound, sources, backend, in_features, mode)
+
+
+def _check_x(x: torch.Tensor, in_features: int, bias_dtype: torch.dtype | None, device: torch.device) -> None:
+    """The op's checks that depend on x (the weight's were done at bind time).
+
+    Raises:
+        ValueError: x's last dimension is not in_features, its dtype is not an activation dtype (or not the
+            bias's), or it is on another device than the weight.
+    """
+    def fail(msg: str):
+        raise ValueError(f"gqsa::linear: {msg}")
+
+    if x.shape[-1:] != (in_features,):
+        fail(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        fail(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if bias_dtype is not None and x.dtype != bias_dtype:
+        fail(f"x is {x.dtype} but the bias is {bias_dtype}; they must match")
+    if x.device != device:
+        fail(f"x is on {x.device} but the weight is on {device}")
+
+
+def _native_mode(fn, device: torch.device) -> int | None:
+    """The native CPU kernel's mode when ``fn`` is one of its backends and the weight is on the CPU, else None."""
+    from gqsa.ops import cpu
+
+    if device.type != "cpu":
+        return None
+    return {cpu.CPU_KERNEL.fn: cpu.MODE_TASK, cpu.CPU_ROWSPLIT_KERNEL.fn: cpu.MODE_ROWS}.get(fn)
+
+
+def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features,
+                 group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A lean closure around the native CPU kernel in ``mode``.
+
+    It repeats ``gqsa.ops.cpu.native_linear`` step for step (same thread count, mode and float32 accumulation,
+    the same fallback above ``MAX_NATIVE_BATCH`` rows) with the pointers and float32 bias prepared once.
+    """
+    from gqsa.ops import cpu
+
+    ext = cpu._extension()
+    packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
+    zero = None if zero_point is None else zero_point.contiguous()
+    problem = cpu._problem_args(*packed, zero)
+    nnz = packed[1].numel()
+    bias32 = None if bias is None else bias.to(torch.float32)
+    bias_dtype = None if bias is None else bias.dtype
+    cpu_device = values.device
+    max_batch, min_groups = cpu.MAX_NATIVE_BATCH, cpu.MIN_GROUPS_PER_THREAD
+    n, k = out_features, in_features
+    weight = (*packed, zero, bias, out_features, in_features, group_size, bits)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if (x.shape[-1:] != (k,) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu
+                or (bias_dtype is not None and x.dtype != bias_dtype)):
+            _check_x(x, k, bias_dtype, cpu_device)
+        m = x.numel() // k
+        if m > max_batch or m == 0:
+            return cpu.native_linear(x, *weight, mode=mode)
+        # x (..., K) contiguous is x (M, K) in memory, and y (..., N) is y (M, N): no reshapes needed
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        threads = max(1, min(torch.get_num_threads(), nnz // min_groups))
+        y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)  # (..., N), fully written by the kernel
+        ext.linear(xf.data_ptr(), *problem, y.data_ptr(), m, n, k, nnz, group_size, bits, threads, mode,
+                   cpu.ISA_AUTO)
+        if bias32 is not None:
+            y.add_(bias32)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    return run
+
+
+@torch.library.custom_op("gqsa::linear_direct", mutates_args=())
+def linear_direct(
+    x: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    bits: int,
+    mode: int,
+) -> torch.Tensor:
+    """Internal: ``gqsa::linear`` on the native CPU kernel in ``mode``, without per-call checks or backend lookup.
+
+    For graphs compiled for inference (``GQSALinear`` under ``torch.compile`` once it has been bound to a native
+    backend): the checks run once, when the graph is traced, in the fake implementation. Arguments as
+    ``torch.ops.gqsa.linear`` (all on the CPU, packed tensors contiguous); no autograd. Not a public entry point.
+    """
+    from gqsa.ops import cpu
+
+    packed = (crow_indices, col_indices, values, scale)
+    m = x.numel() // in_features
+    if m > cpu.MAX_NATIVE_BATCH or m == 0 or not all(t.is_contiguous() for t in packed):
+        return cpu.native_linear(x, *packed, zero_point, bias, out_features, in_features, group_size, bits,
+                                 mode=mode)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    nnz = col_indices.numel()
+    threads = max(1, min(torch.get_num_threads(), nnz // cpu.MIN_GROUPS_PER_THREAD))
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)  # (..., N)
+    cpu._extension().linear(xf.data_ptr(), *cpu._problem_args(*packed, zero_point), y.data_ptr(), m, out_features,
+                            in_features, nnz, group_size, bits, threads, mode, cpu.ISA_AUTO)
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@linear_direct.register_fake
+def _(x, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features, group_size, bits,
+      mode):
+    _check_args(x, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features,
+                group_size, bits)
+    return x.new_empty((*x.shape[:-1], out_features))
