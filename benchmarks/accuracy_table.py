@@ -162,7 +162,7 @@ def measure(row: str, args, source: str | None = None) -> dict[str, dict]:
     entry.update(config=first.to_dict(), bits_per_weight=s["bits_per_weight"], sparsity=s["sparsity"],
                  compress_time_s=report["wall_time_s"], compress_cpu_s=time.process_time() - cpu0,
                  peak_rss_mb=report["peak_rss_mb"])
-    for key in ("groups_pruned_per_layer", "bqpo_blocks"):
+    for key in ("groups_pruned_per_layer", "bqpo_blocks", "e2e"):
         if key in report:
             entry[key] = report[key]
     out = {}
