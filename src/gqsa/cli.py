@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="block-wise training epochs after the one-shot step (0 = off; w4s* presets: 2)")
     c.add_argument("--bqpo-lr-weight", type=float, help="BQPO learning rate of the weights")
     c.add_argument("--bqpo-lr-qparams", type=float, help="BQPO learning rate of scales and zero points")
-    c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off; w4s*: 1)")
+    c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off; w4s*: 3)")
     c.add_argument("--e2e-lr", type=float, help="E2E-OQP learning rate of the scales")
     c.add_argument("--e2e-zero-point", action="store_true", help="E2E-OQP also trains the zero points")
     c.add_argument("--activation-budget-mb", type=int, default=None,
