@@ -5,24 +5,8 @@ import math
 
 import pytest
 import torch
-from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 from gqsa.cli import main
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text((SAMPLE_TEXT * 6).strip() + "\n")
-    return path
 
 
 def _run(capsys, *argv):

@@ -5,20 +5,12 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model
 
 from gqsa.bench import e2e
 
 KEYS = {"candidate", "decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "base_rss_mb", "model_bytes",
         "decode_speedup_vs_fp32", "decode_gb_per_s", "bandwidth_pct", "backend", "loop"}
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_benchmark_runs_every_candidate_in_its_process_and_writes_json(dense_dir, tmp_path, capsys):

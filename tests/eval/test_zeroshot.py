@@ -331,14 +331,6 @@ def test_evaluate_task_on_packaged_items(model, tokenizer):
     assert 0 <= result.acc <= 1 and 0 <= result.acc_norm <= 1 and result.seconds > 0
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def _run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()

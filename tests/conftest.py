@@ -1,0 +1,22 @@
+"""Fixtures shared by the tests that need a model or text on disk: a saved tiny llama with its tokenizer, and a
+small text file (both per test module, so no module sees another's files)."""
+
+import pytest
+from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A tiny random llama saved as a transformers model directory, with its tokenizer."""
+    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small plain-text corpus (calibration and held-out parts both non-empty)."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text((SAMPLE_TEXT * 6).strip() + "\n")
+    return path
