@@ -71,7 +71,7 @@ def isa() -> str:
     return ext.isa() if ext is not None else "unavailable"
 
 
-def _problem_args(
+def problem_args(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
     values: torch.Tensor,
@@ -107,7 +107,7 @@ def dequantize_native(
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()
     w = torch.empty(out_features, in_features, dtype=torch.float32)  # (N, K)
-    ext.dequantize(0, *_problem_args(*packed, zero), w.data_ptr(), 0, out_features, in_features, packed[1].numel(),
+    ext.dequantize(0, *problem_args(*packed, zero), w.data_ptr(), 0, out_features, in_features, packed[1].numel(),
                    group_size, bits, torch.get_num_threads(), 0, isa_)
     return w
 
@@ -143,24 +143,57 @@ def native_linear(
     Returns:
         (..., out_features) in x's dtype.
     """
-    ext = _extension()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (M, K)
-    m = x2.shape[0]
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()
-    threads = max(1, min(torch.get_num_threads(), packed[1].numel() // MIN_GROUPS_PER_THREAD))
-    if m > max_native_batch:
-        w = dequantize_native(*packed, zero, out_features, in_features, group_size, bits, isa_)  # (N, K)
-        y = torch.matmul(x2, w.T)  # (M, N)
-    else:
-        y = torch.empty(m, out_features, dtype=torch.float32)  # (M, N), fully written by the kernel
-        a8 = act8 and bits == 4 and group_size % 16 == 0
-        (ext.linear_a8 if a8 else ext.linear)(x2.data_ptr(), *_problem_args(*packed, zero), y.data_ptr(), m, out_features, in_features,
-                   packed[1].numel(), group_size, bits, threads, mode, isa_)
-    if bias is not None:
-        y.add_(bias.to(torch.float32))
+    bias32 = None if bias is None else bias.to(torch.float32)
+    if x.numel() // in_features <= max_native_batch:
+        return linear_small_batch(x, problem_args(*packed, zero), packed[1].numel(), out_features, in_features,
+                                  group_size, bits, mode, isa_, act8, bias32)
+    x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (M, K)
+    w = dequantize_native(*packed, zero, out_features, in_features, group_size, bits, isa_)  # (N, K)
+    y = torch.matmul(x2, w.T)  # (M, N)
+    if bias32 is not None:
+        y.add_(bias32)
     return y.to(x.dtype).reshape(*lead, out_features)
+
+
+def linear_small_batch(
+    x: torch.Tensor,
+    problem: tuple,
+    nnz: int,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    bits: int,
+    mode: int = MODE_TASK,
+    isa_: int = ISA_AUTO,
+    act8: bool = False,
+    bias32: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The native kernel's call itself, for x of at most ``MAX_NATIVE_BATCH`` rows (``native_linear`` and the
+    bound inference path of ``gqsa.ops.direct`` both end here).
+
+    Args:
+        x: (..., in_features) on the CPU, any activation dtype; computed in float32.
+        problem: ``problem_args`` of the packed tensors (contiguous); nnz: their number of kept groups.
+        mode, isa_, act8: as ``native_linear``; bias32: the (out_features,) bias in float32, or None.
+
+    Returns:
+        (..., out_features) in x's dtype.
+    """
+    m = x.numel() // in_features
+    # x (..., K) contiguous is x (M, K) in memory, and y (..., N) is y (M, N): no reshapes needed
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    threads = max(1, min(torch.get_num_threads(), nnz // MIN_GROUPS_PER_THREAD))
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)  # (..., N), fully written by the kernel
+    ext = _extension()
+    kernel = ext.linear_a8 if act8 and bits == 4 and group_size % 16 == 0 else ext.linear
+    kernel(xf.data_ptr(), *problem, y.data_ptr(), m, out_features, in_features, nnz, group_size, bits, threads, mode,
+           isa_)
+    if bias32 is not None:
+        y.add_(bias32)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _task_linear(*args) -> torch.Tensor:

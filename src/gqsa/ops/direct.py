@@ -10,9 +10,9 @@ tracing and no tensor subclass is involved (see ``GQSALinear.forward``); everyth
 graphs that ``torch.compile`` traces for inference, ``gqsa::linear_direct`` is the same native call as an op whose
 checks run once, at trace time (internal; its only caller is ``GQSALinear``).
 
-The native path uses ``gqsa.ops.cpu``'s extension handle, argument packing and thresholds (``_extension``,
-``_problem_args``, ``MAX_NATIVE_BATCH``, ``MIN_GROUPS_PER_THREAD``), so that it stays the same call as
-``native_linear``; tests/ops/test_ops_direct.py compares the two bit for bit.
+The native path prepares ``gqsa.ops.cpu.problem_args`` once and calls ``gqsa.ops.cpu.linear_small_batch``, the
+function that ``native_linear`` itself ends in, so it stays the same call; tests/ops/test_ops_direct.py compares
+the two bit for bit.
 """
 
 from __future__ import annotations
@@ -133,21 +133,19 @@ def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bia
                  group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
     """A lean closure around the native CPU kernel in ``mode``.
 
-    It repeats ``gqsa.ops.cpu.native_linear`` step for step (same thread count, mode and float32 accumulation,
-    the same fallback above ``MAX_NATIVE_BATCH`` rows) with the pointers and float32 bias prepared once.
+    It ends in the call ``gqsa.ops.cpu.native_linear`` ends in (``linear_small_batch``; above ``MAX_NATIVE_BATCH``
+    rows ``native_linear`` itself), with the pointers and the float32 bias prepared once.
     """
     from gqsa.ops import cpu
 
-    ext = cpu._extension()
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()
-    problem = cpu._problem_args(*packed, zero)
+    problem = cpu.problem_args(*packed, zero)
     nnz = packed[1].numel()
     bias32 = None if bias is None else bias.to(torch.float32)
     bias_dtype = None if bias is None else bias.dtype
     cpu_device = values.device
-    max_batch, min_groups = cpu.MAX_NATIVE_BATCH, cpu.MIN_GROUPS_PER_THREAD
-    n, k = out_features, in_features
+    k = in_features
     weight = (*packed, zero, bias, out_features, in_features, group_size, bits)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -155,17 +153,10 @@ def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bia
                 or (bias_dtype is not None and x.dtype != bias_dtype)):
             _check_x(x, k, bias_dtype, cpu_device)
         m = x.numel() // k
-        if m > max_batch or m == 0:
+        if m > cpu.MAX_NATIVE_BATCH or m == 0:
             return cpu.native_linear(x, *weight, mode=mode)
-        # x (..., K) contiguous is x (M, K) in memory, and y (..., N) is y (M, N): no reshapes needed
-        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        threads = max(1, min(torch.get_num_threads(), nnz // min_groups))
-        y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)  # (..., N), fully written by the kernel
-        ext.linear(xf.data_ptr(), *problem, y.data_ptr(), m, n, k, nnz, group_size, bits, threads, mode,
-                   cpu.ISA_AUTO)
-        if bias32 is not None:
-            y.add_(bias32)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return cpu.linear_small_batch(x, problem, nnz, out_features, in_features, group_size, bits, mode,
+                                      bias32=bias32)
 
     return run
 
@@ -198,15 +189,9 @@ def linear_direct(
     if m > cpu.MAX_NATIVE_BATCH or m == 0 or not all(t.is_contiguous() for t in packed):
         return cpu.native_linear(x, *packed, zero_point, bias, out_features, in_features, group_size, bits,
                                  mode=mode)
-    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    nnz = col_indices.numel()
-    threads = max(1, min(torch.get_num_threads(), nnz // cpu.MIN_GROUPS_PER_THREAD))
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)  # (..., N)
-    cpu._extension().linear(xf.data_ptr(), *cpu._problem_args(*packed, zero_point), y.data_ptr(), m, out_features,
-                            in_features, nnz, group_size, bits, threads, mode, cpu.ISA_AUTO)
-    if bias is not None:
-        y.add_(bias.to(torch.float32))
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return cpu.linear_small_batch(x, cpu.problem_args(*packed, zero_point), col_indices.numel(), out_features,
+                                  in_features, group_size, bits, mode, bias32=None if bias is None
+                                  else bias.to(torch.float32))
 
 
 @linear_direct.register_fake
