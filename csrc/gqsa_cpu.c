@@ -298,9 +298,9 @@ GQSA_AVX2 static void tile_dispatch_avx2(const Problem *p, int64_t a, int64_t b,
  * per group), and the scale applied once per group. Two entries per iteration, each with its own accumulators,
  * so that no dependency chain is longer than one FMA per two groups.
  */
-GQSA_AVX2_INLINE __m256 b1_group(const Problem *p, int64_t e, const float s) {
+GQSA_AVX2_INLINE __m256 b1_group(const Problem *p, int64_t e, int64_t j, const float s) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
-    const float *xe = p->xp + col_at(p, e) * 16;
+    const float *xe = p->xp + j * 16;
     const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
     const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
     return _mm256_mul_ps(_mm256_fmadd_ps(lo, _mm256_loadu_ps(xe), _mm256_mul_ps(hi, _mm256_loadu_ps(xe + 8))),
@@ -310,8 +310,9 @@ GQSA_AVX2_INLINE __m256 b1_group(const Problem *p, int64_t e, const float s) {
 /* One entry of b1_g16_q4_avx2: acc += s q . xp_j; returns s z sx_j. */
 GQSA_AVX2_INLINE float b1_one(const Problem *p, int64_t e, int z, __m256 *acc) {
     const float s = _cvtsh_ss(p->scale[e]);
-    *acc = _mm256_add_ps(*acc, b1_group(p, e, s));
-    return s * (float)z * p->sx[col_at(p, e)];
+    const int64_t j = col_at(p, e);
+    *acc = _mm256_add_ps(*acc, b1_group(p, e, j, s));
+    return s * (float)z * p->sx[j];
 }
 
 GQSA_AVX2 static void b1_g16_q4_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
@@ -782,16 +783,25 @@ PyDoc_STRVAR(py_linear_doc,
              "contiguous tensor; zero is 0 for symmetric weights. mode: 0 task-centric, 1 row split. "
              "isa: 0 best available, 1 scalar.");
 
-static PyObject *py_linear(PyObject *self, PyObject *args) {
-    (void)self;
+/* linear / linear_a8: parse, check, run without the GIL. */
+static PyObject *run_linear(PyObject *args, int act8) {
     Problem p;
     int threads, mode, isa, rc;
     if (parse_problem(args, &p, &threads, &mode, &isa) < 0) return NULL;
+    if (act8 && (p.bits != 4 || p.g % 16)) {
+        PyErr_SetString(PyExc_ValueError, "linear_a8: 4-bit weights with a group size multiple of 16 only");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    rc = linear(&p, threads, mode, isa, 0);
+    rc = linear(&p, threads, mode, isa, act8);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_linear(args, 0);
 }
 
 PyDoc_STRVAR(py_linear_a8_doc,
@@ -801,18 +811,7 @@ PyDoc_STRVAR(py_linear_a8_doc,
 
 static PyObject *py_linear_a8(PyObject *self, PyObject *args) {
     (void)self;
-    Problem p;
-    int threads, mode, isa, rc;
-    if (parse_problem(args, &p, &threads, &mode, &isa) < 0) return NULL;
-    if (p.bits != 4 || p.g % 16) {
-        PyErr_SetString(PyExc_ValueError, "linear_a8: 4-bit weights with a group size multiple of 16 only");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    rc = linear(&p, threads, mode, isa, 1);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return run_linear(args, 1);
 }
 
 static PyObject *py_quantize_x(PyObject *self, PyObject *args) {
