@@ -1,6 +1,6 @@
 /*
- * The native CPU kernel without Python: one thread, batch 1, a random 4096 x 4096 W4 group-16 matrix at 50% kept
- * groups (4 copies, rotated), thread CPU time per call. Separates the kernel's own cost from the Python wrapper
+ * The native CPU kernel without Python: one thread, batch 1, a random 4096 x 4096 (or N x K) W4 group-16 matrix at
+ * 50% kept groups (4 copies, rotated), thread CPU time per call. Separates the kernel's own cost from the Python wrapper
  * and from the other jobs of a shared machine (CPU time, not wall time).
  *
  *   PY=.venv/bin/python; INC=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
@@ -9,12 +9,13 @@
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness        # asymmetric (stored zero points)
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness s      # symmetric
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 16   # batch 16
+ *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 576 576 5000   # batch 1, N x K = 576 x 576, 5000 calls
  */
 #include "../../csrc/gqsa_cpu.c"
 #include <time.h>
 static double now(void){struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t); return t.tv_sec+1e-9*t.tv_nsec;}
 int main(int argc, char **argv){
-  int64_t N=4096,K=4096,g=16,G=K/g; int sym = argc>1 && argv[1][0]=='s';
+  int64_t N=argc>3?atoi(argv[3]):4096,K=argc>4?atoi(argv[4]):4096,g=16,G=K/g; int sym = argc>1 && argv[1][0]=='s';
   int64_t M = argc>2 ? atoi(argv[2]) : 1;
   int copies=4;
   Problem ps[4];
@@ -31,7 +32,7 @@ int main(int argc, char **argv){
     p.zero_nbytes=(nnz*4+7)/8; p.y=y; p.M=M; p.N=N; p.K=K; p.nnz=nnz; p.ldx=K; p.ldq=K; p.g=g; p.bits=4;
     ps[c]=p;
   }
-  double best=1e9, tot=0; int reps=200;
+  double best=1e9, tot=0; int reps=argc>5?atoi(argv[5]):200;
   for(int r=0;r<reps;r++){ double t=now(); linear(&ps[r%copies],1,MODE_TASK,ISA_AUTO,0); t=now()-t; tot+=t; if(t<best)best=t; }
   printf("%s M=%ld best %.3f ms mean %.3f ms\n", sym?"sym":"asym", (long)M, best*1e3, tot/reps*1e3);
   return 0;
