@@ -24,7 +24,10 @@
  *   M = 1, 4 bits, group 16 (AVX2, the decode case of the default format): b1_g16_q4_avx2, which computes
  *         s * (q . x - z * sum(x)) instead (same sum, other rounding; 30% less time than the general tile), with
  *         the row loop in the same function (run_range_b1);
- *   M <= 8 (AVX2): fused, the weights stay in registers and meet the M rows' x at once (tile_avx2);
+ *   M >= 2, 4 bits, group 16 (AVX2): tile_q4g16_avx2, the same unpacking, weights built in registers once per
+ *         tile of 8 rows of x (reordered even/odd per group, p->xr);
+ *   M <= 8 (AVX2), other bits and group sizes: fused, the weights stay in registers and meet the M rows' x at
+ *         once (tile_avx2);
  *   otherwise: 1. dequantize the segment into a per-thread buffer w (ne, g) and record x offsets j * g;
  *              2. dot: for every tile of up to 8 rows of x, accumulate w . x[m, offsets] in registers.
  * Group size 16 and every bits value get their own specialised loops (compile-time constants).
@@ -80,6 +83,10 @@ typedef struct {
     /* batch-1 path for 4-bit group-16 weights (AVX2): x rearranged per group of 16 columns into 24 floats (see
        b1_prepare) */
     const float *xp;         /* (K / 16, B1_STRIDE) or NULL */
+    /* batch >= 2 path for 4-bit group-16 weights (AVX2): every row of x with each group's columns reordered
+       even-then-odd, rows cache-line aligned */
+    const float *xr;         /* (M, ldr) or NULL */
+    int64_t ldr;
 } Problem;
 
 /* A row cut by a range boundary: its row index (-1: unused) and its M partial sums. */
@@ -87,6 +94,12 @@ typedef struct {
     int64_t row;
     float *sums; /* (M,) */
 } Partial;
+
+/* A cache-line-aligned buffer (free with free()), or NULL: x rearrangements are read in 64-byte chunks. */
+static void *alloc_lines(size_t nbytes) {
+    void *ptr = NULL;
+    return posix_memalign(&ptr, 64, nbytes ? nbytes : 64) == 0 ? ptr : NULL;
+}
 
 /* ---- scalar helpers ------------------------------------------------------------------------------------ */
 
@@ -345,10 +358,74 @@ static void b1_prepare(const float *x, int64_t K, float *xp) {
     }
 }
 
+/*
+ * Up to 8 rows of x (xr: rows of p->xr), 4-bit codes, group 16: the entry's 16 weights s * (q - z) (the
+ * reference's float32 weights) built in two registers from one zero-extending load (low nibbles = even columns,
+ * high = odd, as in b1_g16_q4_avx2), then two FMAs per row of x against that row's even/odd reordered columns.
+ * Up to 4 rows: two accumulators per row.
+ */
+GQSA_AVX2_INLINE void tile_q4g16_avx2(const Problem *p, int64_t a, int64_t b, const float *xr, float *out,
+                                     const int mt) {
+    __m256 acc0[MAX_TILE_M], acc1[MAX_TILE_M];
+    const int two = mt <= 4;
+    for (int i = 0; i < mt; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int64_t e = a; e < b; ++e) {
+        const int64_t j = ((const int16_t *)p->col)[e];
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
+        const __m256 z = _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4));
+        const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16((short)p->scale[e]));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(lo, z), s);
+        const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z), s);
+        const float *xe = xr + j * 16;
+        for (int i = 0; i < mt; ++i) {
+            acc0[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(xe + i * p->ldr), acc0[i]);
+            if (two)
+                acc1[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(xe + i * p->ldr + 8), acc1[i]);
+            else
+                acc0[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(xe + i * p->ldr + 8), acc0[i]);
+        }
+    }
+    for (int i = 0; i < mt; ++i) out[i] = hsum_avx2(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+/* All M rows of x, in tiles of up to MAX_TILE_M rows (each tile rebuilds the weights in registers). */
+GQSA_AVX2 static void tile_q4g16_dispatch_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
+    for (int64_t m0 = 0; m0 < p->M; m0 += MAX_TILE_M) {
+        const int64_t rest = p->M - m0;
+        const float *xr = p->xr + m0 * p->ldr;
+        switch (rest < MAX_TILE_M ? rest : MAX_TILE_M) {
+        case 1: tile_q4g16_avx2(p, a, b, xr, out + m0, 1); break;
+        case 2: tile_q4g16_avx2(p, a, b, xr, out + m0, 2); break;
+        case 3: tile_q4g16_avx2(p, a, b, xr, out + m0, 3); break;
+        case 4: tile_q4g16_avx2(p, a, b, xr, out + m0, 4); break;
+        case 5: tile_q4g16_avx2(p, a, b, xr, out + m0, 5); break;
+        case 6: tile_q4g16_avx2(p, a, b, xr, out + m0, 6); break;
+        case 7: tile_q4g16_avx2(p, a, b, xr, out + m0, 7); break;
+        default: tile_q4g16_avx2(p, a, b, xr, out + m0, 8); break;
+        }
+    }
+}
+
+/* xr (M, ldr) of tile_q4g16_avx2 from x (M, K) with row stride ldx. */
+static void reorder_x(const float *x, int64_t M, int64_t K, int64_t ldx, float *xr, int64_t ldr) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < K / 16; ++j) {
+            const float *v = x + m * ldx + j * 16;
+            float *d = xr + m * ldr + j * 16;
+            for (int i = 0; i < 8; ++i) {
+                d[i] = v[2 * i];
+                d[8 + i] = v[2 * i + 1];
+            }
+        }
+}
+
 /* Fused path, M <= MAX_TILE_M: out (M,) for entries [a, b) of one row, unpacked in registers. */
 GQSA_AVX2 static void fused_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
     if (p->xp)
         b1_g16_q4_avx2(p, a, b, out);
+    else if (p->xr)
+        tile_q4g16_dispatch_avx2(p, a, b, out);
     else
         tile_dispatch_avx2(p, a, b, p->x, out, NULL, (int)p->M);
 }
@@ -549,7 +626,7 @@ typedef struct {
 static void row_segment(const Problem *p, int64_t a, int64_t b, const Scratch *ws, const Fns *fns, float *out) {
     if (p->xq) {
         fns->a8(p, a, b, out);
-    } else if (fns->fused && p->M <= MAX_TILE_M) {
+    } else if (fns->fused && (p->M <= MAX_TILE_M || p->xr)) {
         fns->fused(p, a, b, out);
     } else {
         fns->dequant(p, a, b, ws->w, ws->off, 0);
@@ -639,7 +716,7 @@ static Fns pick_fns(int isa) {
  */
 static float *padded_x(const Problem *p, int64_t *ldx) {
     *ldx = p->K + 16;
-    float *x = malloc((size_t)(p->M * *ldx) * sizeof(float));
+    float *x = alloc_lines((size_t)(p->M * *ldx) * sizeof(float));
     if (x)
         for (int64_t m = 0; m < p->M; ++m) memcpy(x + m * *ldx, p->x + m * p->K, (size_t)p->K * sizeof(float));
     return x;
@@ -656,7 +733,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     float *xs = NULL, *xb1 = NULL;
     if (act8) {
         padded.ldq = p->K + 64; /* a cache line of padding: no 4 KiB aliasing between rows */
-        xq = malloc((size_t)(p->M * padded.ldq));
+        xq = alloc_lines((size_t)(p->M * padded.ldq));
         xs = malloc((size_t)(p->M * (p->K / 16)) * sizeof(float));
         if (xq == NULL || xs == NULL) {
             free(xq);
@@ -667,10 +744,16 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
         padded.xq = xq;
         padded.xs = xs;
     } else if (p->M == 1 && p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
-        xb1 = malloc((size_t)(p->K / 16 * B1_STRIDE + 16) * sizeof(float));
+        xb1 = alloc_lines((size_t)(p->K / 16 * B1_STRIDE) * sizeof(float));
         if (xb1 == NULL) return -1;
         b1_prepare(p->x, p->K, xb1);
         padded.xp = xb1;
+    } else if (p->M >= 2 && p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
+        padded.ldr = p->K + 16; /* a cache line of padding: no 4 KiB aliasing between rows */
+        xcopy = alloc_lines((size_t)(p->M * padded.ldr) * sizeof(float));
+        if (xcopy == NULL) return -1;
+        reorder_x(p->x, p->M, p->K, p->ldx, xcopy, padded.ldr);
+        padded.xr = xcopy;
     } else if (p->M > 1 && (p->K * (int64_t)sizeof(float)) % 4096 == 0) {
         xcopy = padded_x(problem, &padded.ldx);
         if (xcopy == NULL) return -1;
@@ -794,6 +877,8 @@ static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, in
     p->xq = NULL;
     p->xs = NULL;
     p->xp = NULL;
+    p->xr = NULL;
+    p->ldr = 0;
     p->ldq = K;
     p->nnz = nnz;
     p->zero_nbytes = (nnz * p->bits + 7) / 8;
