@@ -48,7 +48,7 @@ def _x(*shape, dtype=torch.float32, seed=1):
 def test_bound_call_equals_the_op_bit_for_bit(backend, bits, symmetric, kept):
     p = _packed(bits, symmetric, kept, seed=bits)
     bound = _bound(p, backend=backend)
-    m_above = cpu_kernels.MAX_NATIVE_BATCH + 3
+    m_above = cpu_kernels.native_batch_limit(N, K) + 3
     for x in (_x(1, K), _x(3, K), _x(K), _x(2, 5, K), _x(m_above, K), _x(K, 4).T, _x(0, K)):
         want = packed_linear(x, p, backend=backend)
         got = bound(x)

@@ -18,9 +18,10 @@ How the work is split over T threads (torch.get_num_threads(), fewer for small m
   that of the activation quantization (``gqsa.quant.activations``).
 
 Every kept group is unpacked and dequantized once per call (``s * (q - z)`` in float32, the reference's weight
-bit for bit) and used for all M rows of x: for M <= 8 in registers, fused with the multiply; for larger M
-into a per-thread buffer holding the row's kept groups, then multiplied in tiles of 8 rows of x. Above
-``MAX_NATIVE_BATCH`` rows the weight is dequantized densely (natively) and multiplied by ``torch.matmul``.
+bit for bit) and used for all M rows of x: in registers, fused with the multiply, for 4-bit group-16 weights and
+any M and for other formats up to M = 8; otherwise into a per-thread buffer holding the row's kept groups, then
+multiplied in tiles of 8 rows of x. Above ``native_batch_limit`` rows (96 for large weights, 40 for small ones)
+the weight is dequantized densely (natively) and multiplied by ``torch.matmul``.
 
 The module name carries no "native": ``tests/ops/test_ops_lazy_imports.py`` flags any ``gqsa`` module whose
 name contains it, and this module is imported (to register the kernels) by ``gqsa.ops``.
@@ -42,10 +43,13 @@ logger = logging.getLogger(__name__)
 EXTENSION = "gqsa._native_cpu"
 MODE_TASK, MODE_ROWS = 0, 1
 ISA_AUTO, ISA_SCALAR = 0, 1
-# Above this many rows of x: dense float32 weight (native dequantization) + torch.matmul. Measured on a 4096x4096
-# W4 g16 50% weight, one thread: the native kernel wins up to M = 64 (64 vs 77 ms), loses at 128 (145 vs 99 ms);
-# most of the dense path's fixed cost is faulting in the fresh 64 MiB weight.
-MAX_NATIVE_BATCH = 64
+# Above this many rows of x: dense float32 weight (native dequantization) + torch.matmul; see native_batch_limit.
+# Measured (gqsa 90c6420, one thread, thread CPU time, W4 g16 50% kept): on 4096 x 4096 the native kernel wins up
+# to M = 96 (78 against 87 ms) and loses at 128 (106 against 99 ms), most of the dense path's fixed cost being the
+# fresh 64 MiB weight; on 576 x 576 and 1536 x 576 (SmolLM2) it wins at 32 and loses from 64 on.
+MAX_NATIVE_BATCH = 96
+SMALL_WEIGHT_NATIVE_BATCH = 40
+LARGE_WEIGHT = 1 << 24  # weights with at least this many entries (4096 x 4096) use MAX_NATIVE_BATCH
 # Fewer kept groups than this per thread: fewer threads (a parallel region costs more than the work it splits).
 MIN_GROUPS_PER_THREAD = 2048
 
@@ -58,6 +62,11 @@ def _extension() -> ModuleType | None:
     except ImportError as exc:
         logger.info("gqsa: native CPU kernel not available (%s); the reference implementation is used", exc)
         return None
+
+
+def native_batch_limit(out_features: int, in_features: int) -> int:
+    """Most rows of x that the native kernel takes for this weight shape; above, dense dequantization + matmul."""
+    return MAX_NATIVE_BATCH if out_features * in_features >= LARGE_WEIGHT else SMALL_WEIGHT_NATIVE_BATCH
 
 
 def available() -> bool:
@@ -126,7 +135,7 @@ def native_linear(
     bits: int,
     mode: int = MODE_TASK,
     isa_: int = ISA_AUTO,
-    max_native_batch: int = MAX_NATIVE_BATCH,
+    max_native_batch: int | None = None,
     act8: bool = False,
 ) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the native kernel; arguments as ``torch.ops.gqsa.linear`` (checked there).
@@ -135,7 +144,8 @@ def native_linear(
         x: (..., in_features) float16/bfloat16/float32 on the CPU; computed in float32.
         mode: MODE_TASK (groups split evenly over threads) or MODE_ROWS (rows split evenly).
         isa_: ISA_AUTO (AVX2 where the CPU has it) or ISA_SCALAR (the portable path; for tests).
-        max_native_batch: above this many rows of x, dense dequantization + torch.matmul.
+        max_native_batch: above this many rows of x, dense dequantization + torch.matmul (None:
+            ``native_batch_limit`` of the shape).
         act8: quantize x to int8 per 16 columns and use integer dot products (4-bit weights, group a multiple
             of 16, at most ``max_native_batch`` rows; otherwise the exact path). The result is the exact op
             applied to ``gqsa.quant.activations.dequantize_activations(*quantize_activations(x))``.
@@ -147,6 +157,8 @@ def native_linear(
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32)
+    if max_native_batch is None:
+        max_native_batch = native_batch_limit(out_features, in_features)
     if x.numel() // in_features <= max_native_batch:
         return linear_small_batch(x, problem_args(*packed, zero), packed[1].numel(), out_features, in_features,
                                   group_size, bits, mode, isa_, act8, bias32)
@@ -171,7 +183,7 @@ def linear_small_batch(
     act8: bool = False,
     bias32: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The native kernel's call itself, for x of at most ``MAX_NATIVE_BATCH`` rows (``native_linear`` and the
+    """The native kernel's call itself, for x of at most ``native_batch_limit`` rows (``native_linear`` and the
     bound inference path of ``gqsa.ops.direct`` both end here).
 
     Args:

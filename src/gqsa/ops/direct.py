@@ -133,7 +133,7 @@ def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bia
                  group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
     """A lean closure around the native CPU kernel in ``mode``.
 
-    It ends in the call ``gqsa.ops.cpu.native_linear`` ends in (``linear_small_batch``; above ``MAX_NATIVE_BATCH``
+    It ends in the call ``gqsa.ops.cpu.native_linear`` ends in (``linear_small_batch``; above ``native_batch_limit``
     rows ``native_linear`` itself), with the pointers and the float32 bias prepared once.
     """
     from gqsa.ops import cpu
@@ -146,6 +146,7 @@ def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bia
     bias_dtype = None if bias is None else bias.dtype
     cpu_device = values.device
     k = in_features
+    limit = cpu.native_batch_limit(out_features, in_features)
     weight = (*packed, zero, bias, out_features, in_features, group_size, bits)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bia
                 or (bias_dtype is not None and x.dtype != bias_dtype)):
             _check_x(x, k, bias_dtype, cpu_device)
         m = x.numel() // k
-        if m > cpu.MAX_NATIVE_BATCH or m == 0:
+        if m > limit or m == 0:
             return cpu.native_linear(x, *weight, mode=mode)
         return cpu.linear_small_batch(x, problem, nnz, out_features, in_features, group_size, bits, mode,
                                       bias32=bias32)
@@ -186,7 +187,8 @@ def linear_direct(
 
     packed = (crow_indices, col_indices, values, scale)
     m = x.numel() // in_features
-    if m > cpu.MAX_NATIVE_BATCH or m == 0 or not all(t.is_contiguous() for t in packed):
+    if (m > cpu.native_batch_limit(out_features, in_features) or m == 0
+            or not all(t.is_contiguous() for t in packed)):
         return cpu.native_linear(x, *packed, zero_point, bias, out_features, in_features, group_size, bits,
                                  mode=mode)
     return cpu.linear_small_batch(x, cpu.problem_args(*packed, zero_point), col_indices.numel(), out_features,
