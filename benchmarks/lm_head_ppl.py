@@ -58,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_bytes'] / 2**20:.1f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
+    from gqsa.utils.io import atomic_write_text
+
     settings = {"dataset": args.dataset, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     if args.json:
-        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     if args.markdown:
         command = "python " + " ".join(sys.argv if argv is None else ["benchmarks/lm_head_ppl.py", *argv])
-        args.markdown.write_text(
+        atomic_write_text(
+            args.markdown,
             f"# Packed LM head: held-out perplexity\n\n{args.dataset}, windows of {args.seq_len}, first "
             f"{args.max_tokens} held-out tokens (`{command}`)\n\n"
             f"{table}\n")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gqsa.format import quantize_to_packed
 from gqsa.ops import available_backends, packed_linear
+from gqsa.utils.io import atomic_write_text
 
 # (out_features, in_features) of the three distinct linear shapes of each model.
 SHAPES = {
@@ -276,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "settings": vars(args) | {"json": str(args.json),
-                                         "markdown": str(args.markdown)}, "notes": notes, "measurements": rows},
-                                        indent=1) + "\n")
+        report = {"machine": info, "settings": vars(args) | {"json": str(args.json), "markdown": str(args.markdown)},
+                  "notes": notes, "measurements": rows}
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     if args.markdown:
-        args.markdown.write_text(f"# gqsa CPU kernel benchmark\n\n{header}\n\n{settings}\n\n{table}\n\n"
-                                 + "".join(f"* {n}\n" for n in notes))
+        atomic_write_text(args.markdown, f"# gqsa CPU kernel benchmark\n\n{header}\n\n{settings}\n\n{table}\n\n"
+                          + "".join(f"* {n}\n" for n in notes))
     return 0
 
 
