@@ -21,11 +21,11 @@
  *
  * Per row segment (the entries of one row inside a thread's range), each entry is unpacked once per call into
  * float32 weights s * (q - z) (exactly the reference's float32 weight) and used for all M rows of x:
- *   M = 1, 4 bits, group 16 (AVX2, the decode case of the default format): b1_g16_q4_avx2, which computes
- *         s * (q . x - z * sum(x)) instead (same sum, other rounding; 30% less time than the general tile), with
- *         the row loop in the same function (run_range_b1);
- *   M >= 2, 4 bits, group 16 (AVX2): tile_q4g16_avx2, the same unpacking, weights built in registers once per
- *         tile of 8 rows of x (reordered even/odd per group, p->xr);
+ *   4 bits, group 16 (AVX2, the default format): x is first copied with each group's columns reordered even
+ *         then odd (p->xr), the order in which one zero-extending load unpacks an entry's nibbles;
+ *         M = 1 (decode): b1_g16_q4_avx2, which computes s * ((q - z) . x) (same sum, other rounding; 35% less
+ *         time than the general tile), with the row loop in the same function (run_range_b1);
+ *         M >= 2: tile_q4g16_avx2, the weights built in registers once per tile of 8 rows of x;
  *   M <= 8 (AVX2), other bits and group sizes: fused, the weights stay in registers and meet the M rows' x at
  *         once (tile_avx2);
  *   otherwise: 1. dequantize the segment into a per-thread buffer w (ne, g) and record x offsets j * g;
@@ -80,11 +80,8 @@ typedef struct {
     const int8_t *xq;        /* (M, ldq) or NULL: the float path */
     const float *xs;         /* (M, K / 16) */
     int64_t ldq;             /* row stride of xq (>= K) */
-    /* batch-1 path for 4-bit group-16 weights (AVX2): x rearranged per group of 16 columns into 24 floats (see
-       b1_prepare) */
-    const float *xp;         /* (K / 16, B1_STRIDE) or NULL */
-    /* batch >= 2 path for 4-bit group-16 weights (AVX2): every row of x with each group's columns reordered
-       even-then-odd, rows cache-line aligned */
+    /* 4-bit group-16 weights (AVX2): every row of x with each group's 16 columns reordered even-then-odd (the lane
+       order of unpacked nibbles), rows cache-line aligned (reorder_x) */
     const float *xr;         /* (M, ldr) or NULL */
     int64_t ldr;
 } Problem;
@@ -304,35 +301,49 @@ GQSA_AVX2 static void tile_dispatch_avx2(const Problem *p, int64_t a, int64_t b,
 }
 
 /*
- * Batch 1, 4-bit codes, group 16: out = sum_e s_e * (q_e . xp_j - z_e * sp_j), with x rearranged once per call
- * (b1_prepare): per group j of 16 columns, xp_j = the 8 even then the 8 odd columns, sp_j = the 8 sums
- * x[2i] + x[2i+1]. The 8 code bytes of an entry are zero-extended to 8 int32 lanes (byte i holds codes 2i and
- * 2i+1): the low nibbles are the even columns, the high nibbles the odd ones, the order of xp_j. Per entry: no
- * broadcast of the code bytes, the zero point subtracted in the lanes against sp_j by one FMA (z broadcast from a
- * 16-float table), the scale broadcast straight from its fp16 bits and applied by the FMA that accumulates. Two
- * entries per iteration with their own accumulators (unrolling to four measured no faster).
+ * Batch 1, 4-bit codes, group 16: out = sum_e s_e * ((q_e - z_e) . xr_j), xr_j = group j of x reordered even
+ * then odd columns. Per entry: one zero-extending load of its 8 code bytes, (q - z) formed exactly in the float
+ * lanes (q4_minus_z, no int-to-float conversion), two FMAs against xr_j, and the fp16 scale broadcast straight
+ * into the FMA that accumulates. Two entries per iteration with their own accumulators. Measured no faster:
+ * unrolling to four entries, a horizontal add of 8 entries' partial dots against 8 scales at once, and
+ * broadcasting scales and zero points from 8-entry vectors with permutes (all slower on this AMD EPYC).
  */
-enum { B1_STRIDE = 24 };
+/* 2^23 + z as floats: (2^23 + q) - (2^23 + z) = q - z exactly, with 2^23 + q built by or-ing q into 2^23's bits. */
+static const float B1_ZTAB[16] = {8388608.f, 8388609.f, 8388610.f, 8388611.f, 8388612.f, 8388613.f, 8388614.f,
+                                  8388615.f, 8388616.f, 8388617.f, 8388618.f, 8388619.f, 8388620.f, 8388621.f,
+                                  8388622.f, 8388623.f};
 
-GQSA_AVX2_INLINE __m256 b1_entry(const Problem *p, int64_t e, __m256 z, __m256 acc) {
-    const int64_t j = ((const int16_t *)p->col)[e];
-    const float *xe = p->xp + j * B1_STRIDE;
+/*
+ * (q - z) of the 16 codes of entry e as float32, even columns in *lo and odd ones in *hi: the entry's 8 bytes
+ * zero-extended to 8 int32 lanes (byte i holds codes 2i and 2i+1), each nibble or-ed into the bits of 2^23 (the
+ * float 2^23 + q), minus 2^23 + z (zp: from B1_ZTAB). Exact: every value is an integer below 2^24.
+ */
+GQSA_AVX2_INLINE void q4_minus_z(const Problem *p, int64_t e, __m256 zp, __m256 *lo, __m256 *hi) {
+    const __m256i magic = _mm256_set1_epi32(0x4B000000);
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-    __m256 d = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe), _mm256_mul_ps(hi, _mm256_loadu_ps(xe + 8)));
-    d = _mm256_fnmadd_ps(z, _mm256_loadu_ps(xe + 16), d);
-    const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16((short)p->scale[e]));
-    return _mm256_fmadd_ps(d, s, acc);
+    *lo = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xF)), magic)), zp);
+    *hi = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(v, 4), magic)), zp);
 }
 
-static const float B1_ZTAB[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+/* The scale of entry e broadcast to 8 lanes, straight from its fp16 bits. */
+GQSA_AVX2_INLINE __m256 scale8(const Problem *p, int64_t e) {
+    return _mm256_cvtph_ps(_mm_set1_epi16((short)p->scale[e]));
+}
+
+/* acc + s * ((q - z) . xp_j) for entry e of batch 1; zp = 2^23 + z broadcast. */
+GQSA_AVX2_INLINE __m256 b1_entry(const Problem *p, int64_t e, __m256 zp, __m256 acc) {
+    const float *xe = p->xr + ((const int16_t *)p->col)[e] * 16;
+    __m256 lo, hi;
+    q4_minus_z(p, e, zp, &lo, &hi);
+    const __m256 d = _mm256_fmadd_ps(lo, _mm256_load_ps(xe), _mm256_mul_ps(hi, _mm256_load_ps(xe + 8)));
+    return _mm256_fmadd_ps(d, scale8(p, e), acc);
+}
 
 GQSA_AVX2_INLINE void b1_g16_q4_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t e = a;
     if ((e & 1) && e < b) {
-        acc0 = b1_entry(p, e, _mm256_set1_ps((float)zero_at_bits(p, e, 4)), acc0);
+        acc0 = b1_entry(p, e, _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4)), acc0);
         ++e;
     }
     for (; e + 1 < b; e += 2) {
@@ -341,21 +352,8 @@ GQSA_AVX2_INLINE void b1_g16_q4_avx2(const Problem *p, int64_t a, int64_t b, flo
         acc0 = b1_entry(p, e, _mm256_broadcast_ss(B1_ZTAB + (zz & 0xF)), acc0);
         acc1 = b1_entry(p, e + 1, _mm256_broadcast_ss(B1_ZTAB + (zz >> 4)), acc1);
     }
-    if (e < b) acc0 = b1_entry(p, e, _mm256_set1_ps((float)zero_at_bits(p, e, 4)), acc0);
+    if (e < b) acc0 = b1_entry(p, e, _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4)), acc0);
     *out = hsum_avx2(_mm256_add_ps(acc0, acc1));
-}
-
-/* xp (K / 16, B1_STRIDE) of b1_g16_q4_avx2 from x (K,). */
-static void b1_prepare(const float *x, int64_t K, float *xp) {
-    for (int64_t j = 0; j < K / 16; ++j) {
-        const float *v = x + j * 16;
-        float *d = xp + j * B1_STRIDE;
-        for (int i = 0; i < 8; ++i) {
-            d[i] = v[2 * i];
-            d[8 + i] = v[2 * i + 1];
-            d[16 + i] = v[2 * i] + v[2 * i + 1];
-        }
-    }
 }
 
 /*
@@ -371,12 +369,10 @@ GQSA_AVX2_INLINE void tile_q4g16_avx2(const Problem *p, int64_t a, int64_t b, co
     for (int i = 0; i < mt; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
     for (int64_t e = a; e < b; ++e) {
         const int64_t j = ((const int16_t *)p->col)[e];
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
-        const __m256 z = _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4));
-        const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16((short)p->scale[e]));
-        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(lo, z), s);
-        const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z), s);
+        __m256 lo, hi;
+        q4_minus_z(p, e, _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4)), &lo, &hi);
+        const __m256 s = scale8(p, e);
+        const __m256 w0 = _mm256_mul_ps(lo, s), w1 = _mm256_mul_ps(hi, s);
         const float *xe = xr + j * 16;
         for (int i = 0; i < mt; ++i) {
             acc0[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(xe + i * p->ldr), acc0[i]);
@@ -422,7 +418,7 @@ static void reorder_x(const float *x, int64_t M, int64_t K, int64_t ldx, float *
 
 /* Fused path, M <= MAX_TILE_M: out (M,) for entries [a, b) of one row, unpacked in registers. */
 GQSA_AVX2 static void fused_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
-    if (p->xp)
+    if (p->xr && p->M == 1)
         b1_g16_q4_avx2(p, a, b, out);
     else if (p->xr)
         tile_q4g16_dispatch_avx2(p, a, b, out);
@@ -682,7 +678,7 @@ GQSA_AVX2_INLINE void b1_segment(const Problem *p, int64_t a, int64_t b, const S
     b1_g16_q4_avx2(p, a, b, out);
 }
 
-/* run_range for the batch-1 path (p->xp set), with the row loop and the kernel in one function. */
+/* run_range for the batch-1 path (p->xr set, M = 1), with the row loop and the kernel in one function. */
 GQSA_AVX2 static void run_range_b1(const Problem *p, int64_t e0, int64_t e1, int64_t r, const Scratch *ws,
                                    Partial *head, Partial *tail, const Fns *fns) {
     run_range_with(p, e0, e1, r, ws, head, tail, fns, b1_segment);
@@ -730,7 +726,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     Problem padded = *problem, *p = &padded;
     float *xcopy = NULL;
     int8_t *xq = NULL;
-    float *xs = NULL, *xb1 = NULL;
+    float *xs = NULL;
     if (act8) {
         padded.ldq = p->K + 64; /* a cache line of padding: no 4 KiB aliasing between rows */
         xq = alloc_lines((size_t)(p->M * padded.ldq));
@@ -743,12 +739,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
         quantize_x(p->x, p->M, p->K, p->ldx, xq, padded.ldq, xs);
         padded.xq = xq;
         padded.xs = xs;
-    } else if (p->M == 1 && p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
-        xb1 = alloc_lines((size_t)(p->K / 16 * B1_STRIDE) * sizeof(float));
-        if (xb1 == NULL) return -1;
-        b1_prepare(p->x, p->K, xb1);
-        padded.xp = xb1;
-    } else if (p->M >= 2 && p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
+    } else if (p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
         padded.ldr = p->K + 16; /* a cache line of padding: no 4 KiB aliasing between rows */
         xcopy = alloc_lines((size_t)(p->M * padded.ldr) * sizeof(float));
         if (xcopy == NULL) return -1;
@@ -763,14 +754,13 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     void (*range)(const Problem *, int64_t, int64_t, int64_t, const Scratch *, Partial *, Partial *, const Fns *) =
         run_range;
 #if GQSA_HAVE_X86
-    if (p->xp) range = run_range_b1;
+    if (p->xr && p->M == 1) range = run_range_b1;
 #endif
     memset(p->y, 0, (size_t)(p->M * p->N) * sizeof(float));
     if (p->nnz == 0 || p->M == 0) {
         free(xcopy);
         free(xq);
         free(xs);
-        free(xb1);
         return 0;
     }
     if (threads < 1) threads = 1;
@@ -817,7 +807,6 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     free(xcopy);
     free(xq);
     free(xs);
-    free(xb1);
     return failed ? -1 : 0;
 }
 
@@ -876,7 +865,6 @@ static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, in
     p->ldx = K;
     p->xq = NULL;
     p->xs = NULL;
-    p->xp = NULL;
     p->xr = NULL;
     p->ldr = 0;
     p->ldq = K;
