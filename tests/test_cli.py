@@ -246,7 +246,9 @@ def packed_dir(tmp_path_factory, dense_dir):
 def test_generate_streams_samples_reproducibly_and_packs_the_lm_head(capsys, packed_dir):
     args = ("generate", packed_dir, "--prompt", "The quick", "--max-new-tokens", 6, "--no-chat-template")
     code, greedy, err = _run(capsys, *args)
-    assert code == 0 and "[backend " in err and "tokens/s]" in err
+    assert code == 0 and "[backend " in err and "fused step" in err and "tokens/s]" in err
+    code, unfused, err = _run(capsys, *args, "--no-fused")
+    assert code == 0 and "model step" in err and unfused == greedy
     code, streamed, _ = _run(capsys, *args, "--stream")
     assert code == 0 and streamed.strip() == greedy.strip()
     sampling = ("--temperature", 1.5, "--top-p", 0.9, "--seed", 7)

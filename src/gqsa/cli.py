@@ -93,6 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
                    help="pack the LM head W4/W8 g16 (sparsity 0) when loading: faster decoding, some accuracy")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
+    g.add_argument("--no-fused", action="store_true",
+                   help="decode through the model's own forward instead of gqsa's fused step (Llama family)")
 
     i = sub.add_parser("info", help="describe a compressed checkpoint")
     i.add_argument("path")
@@ -178,12 +180,12 @@ def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
-              chat=True, stream=False, compile=False):
+              chat=True, stream=False, compile=False, fused=None):
     """Text generated after ``prompt`` by gqsa's decode loop (static KV cache), and the GenerationResult."""
     from gqsa.engine import GenerationSpec, encode_prompt, eos_token_ids, generate
 
     spec = GenerationSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          compile=compile)
+                          compile=compile, fused=fused)
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     streamer = None
     if stream:
@@ -336,11 +338,13 @@ def cmd_generate(args) -> int:
         pack_lm_head(model, bits=args.lm_head_bits)
     backend = use_fastest_backend(model)
     text, result = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                             args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile)
+                             args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile,
+                             fused=False if args.no_fused else None)
     if not args.stream:
         print(text)
-    print(f"[backend {backend}: {result.prompt_tokens} prompt tokens, {result.tokens.numel()} new; time to first "
-          f"token {result.first_token_s:.2f} s, decode {result.decode_tok_s:.1f} tokens/s]", file=sys.stderr)
+    print(f"[backend {backend}, {result.step} step: {result.prompt_tokens} prompt tokens, {result.tokens.numel()} "
+          f"new; time to first token {result.first_token_s:.2f} s, decode {result.decode_tok_s:.1f} tokens/s]",
+          file=sys.stderr)
     return 0
 
 

@@ -10,28 +10,34 @@ from tiny import tiny_model
 from gqsa.bench import e2e
 
 KEYS = {"candidate", "decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "base_rss_mb", "model_bytes",
-        "decode_speedup_vs_fp32", "decode_gb_per_s", "bandwidth_pct", "backend", "loop"}
+        "decode_speedup_vs_fp32", "decode_gb_per_s", "bandwidth_pct", "backend", "loop", "step", "decode_ms",
+        "decode_cpu_ms"}
 
 
 def test_benchmark_runs_every_candidate_in_its_process_and_writes_json(dense_dir, tmp_path, capsys):
     out, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
-    rc = e2e.main([str(dense_dir), "--candidates", "fp32-hf", "--lm-head-bits", "8", "--prompt-len", "6",
-                   "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--profile", "2", "--json", str(out),
+    rc = e2e.main([str(dense_dir), "--candidates", "fp32-hf,gqsa-hfstep", "--lm-head-bits", "8", "--prompt-len",
+                   "6", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--profile", "2", "--json", str(out),
                    "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())
     rows = {r["candidate"]: r for r in report["rows"]}
-    assert set(rows) == {"fp32-hf", "gqsa-lm8"}
+    assert set(rows) == {"fp32-hf", "gqsa-hfstep", "gqsa-lm8"}
     assert all(KEYS <= set(r) for r in rows.values())
-    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] >= r["base_rss_mb"] > 0
-               for r in rows.values())
+    assert all(r["decode_tok_s"] > 0 and r["decode_cpu_ms"] > 0 and r["prefill_tok_s"] > 0
+               and r["peak_rss_mb"] >= r["base_rss_mb"] > 0 for r in rows.values())
     assert rows["fp32-hf"]["decode_speedup_vs_fp32"] == 1.0 and rows["gqsa-lm8"]["loop"] == "gqsa"
+    assert [rows[n]["step"] for n in ("fp32-hf", "gqsa-hfstep", "gqsa-lm8")] == [
+        "transformers generate", "model forward", "fused"]
     assert rows["gqsa-lm8"]["model_bytes"] < rows["fp32-hf"]["model_bytes"] / 3
-    profile = report["profiles"]["gqsa-lm8"]
-    assert {"linear layers", "lm head", "norms"} <= set(profile["components_ms"]) and profile["step_ms"] > 0
+    fused, hfstep = report["profiles"]["gqsa-lm8"], report["profiles"]["gqsa-hfstep"]
+    assert (fused["step"], hfstep["step"]) == ("fused", "model forward")
+    assert {"linear layers", "lm head"} <= set(fused["components_ms"]) and fused["step_ms"] > 0
+    assert {"linear layers", "lm head", "norms"} <= set(hfstep["components_ms"]) and hfstep["step_ms"] > 0
     assert {"torch", "git_revision", "dram_read_gb_per_s"} <= set(report["machine"])
     printed = capsys.readouterr().out
     assert "| candidate" in printed and "| candidate" in md.read_text() and "linear layers" in printed
+    assert "gqsa-lm8 (fused step)" in printed and "gqsa-hfstep (model forward step)" in printed
 
 
 def test_json_alone_goes_to_stdout(dense_dir, capsys):
@@ -65,8 +71,9 @@ def test_token_clock_times_tokens_after_the_prompt():
     clock.put(torch.zeros(1, 5))
     for _ in range(3):
         clock.put(torch.zeros(1))
+        sum(range(20000))  # some CPU time between tokens
     r = clock.result(prompt_len=5)
-    assert r["new_tokens"] == 3 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0
+    assert r["new_tokens"] == 3 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_cpu_ms"] > 0
     with pytest.raises(RuntimeError, match="no token"):
         e2e.TokenClock().result(5)
 

@@ -40,11 +40,13 @@ def _hf_greedy(model, ids, n):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("packed", [True, False], ids=["compressed", "dense"])
-def test_static_cache_loop_gives_transformers_greedy_tokens(arch, packed):
+@pytest.mark.parametrize("fused", [None, False], ids=["default-step", "model-forward"])
+def test_static_cache_loop_gives_transformers_greedy_tokens(arch, packed, fused):
     model = _compressed(arch) if packed else tiny_model(arch)
-    result = generate(model, IDS, GREEDY)
+    result = generate(model, IDS, replace(GREEDY, fused=fused))
     assert torch.equal(result.tokens, _hf_greedy(model, IDS, GREEDY.max_new_tokens))
     assert result.prompt_tokens == IDS.shape[1] and result.first_token_s > 0 and result.decode_s > 0
+    assert result.step == ("fused" if fused is None and arch != "gemma3_text" else "model")
 
 
 def test_packed_lm_head_loop_gives_transformers_greedy_tokens():
@@ -122,6 +124,7 @@ def test_dense_model_has_no_backend_to_choose():
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
+    ({"fused": "yes"}, "fused"),
 ])
 def test_bad_generation_settings_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -143,6 +146,6 @@ def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny_model("llama", num_hidden_layers=1)
     compress_model(model, CompressConfig(method="magnitude", quant=QuantSpec(bits=4, group_size=16),
                                          sparsity=SparsitySpec(ratio=0.5)), progress=False)
-    spec = replace(GREEDY, max_new_tokens=6)
+    spec = replace(GREEDY, max_new_tokens=6, fused=False)  # the model's own forward (the fused step: test_engine_fused)
     compiled = generate(model, IDS, replace(spec, compile=True)).tokens
     assert torch.equal(compiled, generate(model, IDS, spec).tokens)

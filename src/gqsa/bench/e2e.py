@@ -10,13 +10,19 @@ Candidates:
 * ``fp32-hf``, ``bf16-hf``: the dense model through transformers' ``generate`` (its dynamic KV cache).
 * ``int8-dynamic-hf``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (LM head included; int8
   per-tensor weights, activations quantized per call), through transformers' ``generate``.
-* ``gqsa``: the compressed checkpoint through gqsa's decode loop (``gqsa.engine``: static KV cache, direct kernel
-  calls); ``gqsa-lm4`` / ``gqsa-lm8`` (``--lm-head-bits``): the same checkpoint with its LM head stored packed,
-  W4/W8 g16 at sparsity 0 (``gqsa.models.compressed.pack_lm_head``, saved here before the workers load it).
-* ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hf`` (the
-  compressed model through transformers' ``generate``), ``gqsa-op`` (gqsa's loop, every linear through the
-  registered op instead of the direct kernel call), ``gqsa-compile`` (gqsa's loop with the decode step compiled
-  by ``torch.compile``; compiled during the warm-up, whose KV cache has the same 256-slot bucket).
+* ``gqsa``: the compressed checkpoint through gqsa's decode loop (``gqsa.engine``) with its default step: the
+  fused decode step (``gqsa.engine.fused``: its own static KV cache, q/k/v and gate/up in one packed call each,
+  direct kernel calls) where the model is supported, else the model's own forward with a static cache; the
+  ``step`` column says which ran. ``gqsa-lm4`` / ``gqsa-lm8`` (``--lm-head-bits``): the same checkpoint with its
+  LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.compressed.pack_lm_head``, saved here before the
+  workers load it).
+* ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hfstep`` and
+  ``fp32-engine-hfstep`` (gqsa's loop, but every step through the model's own forward and transformers'
+  ``StaticCache``: what the fused step gains), ``gqsa-hf`` (the compressed model through transformers'
+  ``generate``), ``gqsa-op`` (gqsa's loop, every linear through the registered op instead of the direct kernel
+  call: the model's own forward, since the fused step calls kernels directly), ``gqsa-compile`` (gqsa's loop with
+  the decode step compiled by ``torch.compile``; compiled during the warm-up, whose KV cache has the same 256-slot
+  bucket).
 
 MODEL_OR_DIR is the dense model (a transformers directory, a ``.gguf`` file, nothing for the default model) or a
 gqsa checkpoint. The compressed side is ``--checkpoint`` or a checkpoint given as MODEL_OR_DIR (its dense side is
@@ -62,13 +68,15 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "gqsa-hf", "gqsa-op", "gqsa", "gqsa-compile",
-              "gqsa-lm4", "gqsa-lm8")
+CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "fp32-engine-hfstep", "gqsa-hf", "gqsa-op",
+              "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8")
 DEFAULT_CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "gqsa")
 # Llama-2-7B's shapes (hidden, MLP, heads, vocabulary), with few decoder blocks and random weights.
 SHAPES_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
              "vocab_size": 32000, "max_position_embeddings": 4096}
 MIB = 1 << 20
+PROFILE_METHOD = ("model forward step: forward hooks on its modules; fused step: its linear and LM head calls timed, "
+                  "the rest by difference")
 
 
 # ---- memory and sizes ------------------------------------------------------------------------------------
@@ -138,14 +146,17 @@ class TokenClock:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # time.process_time() at the same moments
         self._prompt_seen = False
 
     def put(self, value) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self.times.extend([now] * max(1, int(getattr(value, "numel", lambda: 1)())))
+        count = max(1, int(getattr(value, "numel", lambda: 1)()))
+        self.times.extend([now] * count)
+        self.cpu_times.extend([cpu] * count)
 
     def end(self) -> None:
         pass
@@ -156,8 +167,10 @@ class TokenClock:
         ttft = self.times[0] - self.start
         decode = self.times[-1] - self.times[0]
         steps = len(self.times) - 1
+        cpu = self.cpu_times[-1] - self.cpu_times[0]
         return {"new_tokens": len(self.times), "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
-                "decode_s": decode, "decode_tok_s": steps / decode if steps and decode > 0 else float("nan")}
+                "decode_s": decode, "decode_tok_s": steps / decode if steps and decode > 0 else float("nan"),
+                "decode_cpu_ms": 1e3 * cpu / steps if steps else float("nan")}
 
 
 # ---- candidates (built and run inside the workers) -------------------------------------------------------
@@ -175,6 +188,12 @@ class CandidateSpec:
     @property
     def loop(self) -> str:
         return "transformers" if self.name.endswith("-hf") else "gqsa"
+
+    @property
+    def fused(self) -> bool | None:
+        """``GenerationSpec.fused`` of gqsa's loop: the model's own forward for the ``-hfstep`` and ``-op``
+        ablations, else the fused step where the model is supported."""
+        return False if self.name.endswith(("-hfstep", "-op")) else None
 
 
 def load_candidate(spec: CandidateSpec) -> tuple[nn.Module, str]:
@@ -224,10 +243,12 @@ def run_once(model: nn.Module, spec: CandidateSpec, prompt: torch.Tensor, new_to
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                            pad_token_id=0, streamer=clock)
+        step = "transformers generate"
     else:
-        spec_ = GenerationSpec(max_new_tokens=new_tokens, stop_at_eos=False, compile=spec.name == "gqsa-compile")
-        generate(model, prompt, spec_, streamer=clock)
-    return clock.result(prompt.shape[1])
+        spec_ = GenerationSpec(max_new_tokens=new_tokens, stop_at_eos=False, compile=spec.name == "gqsa-compile",
+                               fused=spec.fused)
+        step = {"fused": "fused", "model": "model forward"}[generate(model, prompt, spec_, streamer=clock).step]
+    return clock.result(prompt.shape[1]) | {"step": step}
 
 
 def component_of(model: nn.Module, module: nn.Module) -> str | None:
@@ -253,8 +274,11 @@ def component_of(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
-    """Milliseconds per decode step by component (forward hooks), through gqsa's decode loop, eager.
+def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int, fused: bool | None = False) -> dict:
+    """Milliseconds per decode step by component, through gqsa's decode loop, eager.
+
+    ``fused`` as ``GenerationSpec.fused``: where the fused step runs, see :func:`fused_decode_profile`; the rest of
+    this docstring is about the model's own forward (forward hooks).
 
     Every hooked module's own time (its total minus its hooked children's) goes to its component;
     "loop, sampling and the rest" is the step time minus all hooked time. Hooks cost time themselves, so
@@ -264,9 +288,11 @@ def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
         prompt: (1, T) prompt ids, prefilled first (not profiled).
         steps: decode steps measured.
     """
-    from gqsa.engine.generate import decode_one_token, new_cache, prefill
+    from gqsa.engine.generate import GenerationSpec, decode_one_token, fused_decoder_for, new_cache, prefill
     from gqsa.engine.sampling import sample
 
+    if fused_decoder_for(model, GenerationSpec(fused=fused), prompt.shape[1] + steps + 1) is not None:
+        return fused_decode_profile(model, prompt, steps)
     recording = [False]  # hooks fire during prefill too; only decode steps are counted
 
     def run() -> float:
@@ -313,7 +339,58 @@ def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
                 h.remove()
     per_step = {k: 1e3 * v / steps for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     per_step["loop, sampling and the rest"] = 1e3 * hooked / steps - sum(per_step.values())
-    return {"steps": steps, "step_ms": 1e3 * plain / steps, "step_ms_hooked": 1e3 * hooked / steps,
+    return {"steps": steps, "step": "model forward", "step_ms": 1e3 * plain / steps,
+            "step_ms_hooked": 1e3 * hooked / steps, "components_ms": per_step}
+
+
+def fused_decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
+    """Milliseconds per step of the fused decode step (``gqsa.engine.fused``) by component.
+
+    The linear layers and the LM head are timed around their calls; everything else (norms, rotary, KV cache
+    writes, attention, residual adds, the MLP activation: a few torch calls each, plus sampling and the loop)
+    is the step time minus those. ``step_ms_hooked`` is the timed run, ``step_ms`` the same steps untimed.
+
+    Args:
+        prompt: (1, T) prompt ids, prefilled first (not profiled).
+        steps: decode steps measured.
+    """
+    from gqsa.engine.fused import fused_decoder
+    from gqsa.engine.sampling import sample
+
+    decoder = fused_decoder(model)
+    totals: dict[str, float] = defaultdict(float)
+    recording = [False]  # the prefill calls the same layers
+
+    def wrap(component, fn):
+        def timed(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            y = fn(x)
+            if recording[0]:
+                totals[component] += time.perf_counter() - start
+            return y
+        return timed
+
+    def run(step) -> float:
+        recording[0] = False
+        cache = decoder.new_cache(prompt.shape[1] + steps + 1)
+        token = sample(decoder.prefill(prompt, cache)).view(1, 1)
+        recording[0] = True
+        elapsed = 0.0
+        for i in range(steps):
+            start = time.perf_counter()
+            token = sample(step(token, prompt.shape[1] + i, cache)).view(1, 1)
+            int(token)
+            elapsed += time.perf_counter() - start
+        return elapsed
+
+    with torch.inference_mode():
+        run(decoder.decode_one_token)  # warm-up
+        plain = run(decoder.decode_one_token)
+        timed = run(decoder.instrumented_decode_one_token(wrap))
+    per_step = {k: 1e3 * v / steps for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    per_step["norms, rotary, KV cache, attention, residuals, sampling (torch ops) and the loop"] = \
+        1e3 * timed / steps - sum(per_step.values())
+    return {"steps": steps, "step": "fused", "step_ms": 1e3 * plain / steps, "step_ms_hooked": 1e3 * timed / steps,
             "components_ms": per_step}
 
 
@@ -336,7 +413,8 @@ def _worker(conn, spec: CandidateSpec) -> None:
             if message[0] == "run":
                 conn.send(("ok", run_once(model, spec, message[1], message[2])))
             elif message[0] == "profile":
-                conn.send(("ok", decode_profile(model, message[1], message[2])))
+                fused = spec.fused if spec.loop == "gqsa" else False  # transformers' loop: its own forward's parts
+                conn.send(("ok", decode_profile(model, message[1], message[2], fused)))
             else:
                 conn.send(("ok", {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}))
                 return
@@ -463,8 +541,11 @@ def summarize(worker: Worker, memory: dict, args: argparse.Namespace, bandwidth:
     decode = _median([r["decode_tok_s"] for r in runs])
     info = worker.info
     return {
-        "candidate": worker.spec.name, "loop": worker.spec.loop, "backend": info["backend"],
-        "decode_tok_s": decode, "prefill_tok_s": _median([r["prefill_tok_s"] for r in runs]),
+        "candidate": worker.spec.name, "loop": worker.spec.loop,
+        "step": "/".join(sorted({r["step"] for r in runs})), "backend": info["backend"],
+        "decode_tok_s": decode, "decode_ms": 1e3 / decode,
+        "decode_cpu_ms": _median([r["decode_cpu_ms"] for r in runs]),
+        "prefill_tok_s": _median([r["prefill_tok_s"] for r in runs]),
         "ttft_ms": 1e3 * _median([r["ttft_s"] for r in runs]),
         "peak_rss_mb": memory["peak_rss_mb"], "rss_mb": memory["rss_mb"], "base_rss_mb": info["base_rss_mb"],
         "model_bytes": info["model_bytes"], "streamed_bytes": info["streamed_bytes"],
@@ -473,6 +554,7 @@ def summarize(worker: Worker, memory: dict, args: argparse.Namespace, bandwidth:
         "load_s": info["load_s"], "threads": worker.spec.threads, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "repeats": len(runs),
         "decode_tok_s_runs": [r["decode_tok_s"] for r in runs],
+        "decode_cpu_ms_runs": [r["decode_cpu_ms"] for r in runs],
     }
 
 
@@ -487,16 +569,17 @@ def add_ratios(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the summary rows."""
-    head = ("| candidate | loop | decode tok/s | x fp32 | prefill tok/s | TTFT ms | decode GB/s | % DRAM bw | "
-            "peak RSS MiB (x fp32) | base RSS MiB | model MiB (x fp32) |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| candidate | loop | step | decode tok/s | x fp32 | decode ms/token | CPU ms/token | prefill tok/s | "
+            "TTFT ms | decode GB/s | % DRAM bw | peak RSS MiB (x fp32) | base RSS MiB | model MiB (x fp32) |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(v):
         return f"{v:.2f}" if v is not None else "-"
 
     for r in rows:
         lines.append(
-            f"| {r['candidate']} | {r['loop']} | {r['decode_tok_s']:.2f} | {ratio(r['decode_speedup_vs_fp32'])} | "
+            f"| {r['candidate']} | {r['loop']} | {r['step']} | {r['decode_tok_s']:.2f} | "
+            f"{ratio(r['decode_speedup_vs_fp32'])} | {r['decode_ms']:.2f} | {r['decode_cpu_ms']:.2f} | "
             f"{r['prefill_tok_s']:.1f} | {r['ttft_ms']:.0f} | {r['decode_gb_per_s']:.2f} | "
             f"{r['bandwidth_pct']:.0f} | {r['peak_rss_mb']:.0f} ({ratio(r['peak_rss_vs_fp32'])}) | "
             f"{r['base_rss_mb']:.0f} | {r['model_bytes'] / MIB:.1f} ({ratio(r['model_bytes_vs_fp32'])}) |")
@@ -507,14 +590,15 @@ def format_profiles(profiles: dict[str, dict]) -> str:
     """Markdown table: ms per decode step by component, one column per profiled candidate."""
     names = list(profiles)
     components = list(dict.fromkeys(c for p in profiles.values() for c in p["components_ms"]))
-    lines = ["| component | " + " | ".join(f"{n} ms/token" for n in names) + " |",
+    lines = ["| component | " + " | ".join(f"{n} ({profiles[n].get('step', 'model forward')} step) ms/token"
+                                          for n in names) + " |",
              "|---|" + "---:|" * len(names)]
     for c in components:
         lines.append(f"| {c} | " + " | ".join(f"{profiles[n]['components_ms'].get(c, 0.0):.2f}" for n in names)
                      + " |")
-    lines.append("| step, hooked (sum) | " + " | ".join(f"{profiles[n]['step_ms_hooked']:.2f}" for n in names)
+    lines.append("| step, timed (sum) | " + " | ".join(f"{profiles[n]['step_ms_hooked']:.2f}" for n in names)
                  + " |")
-    lines.append("| step, no hooks | " + " | ".join(f"{profiles[n]['step_ms']:.2f}" for n in names) + " |")
+    lines.append("| step, untimed | " + " | ".join(f"{profiles[n]['step_ms']:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -630,13 +714,13 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print(table)
         if profile_table:
-            print(f"\ndecode step by component ({args.profile} steps, forward hooks):\n{profile_table}")
+            print(f"\ndecode step by component ({args.profile} steps; {PROFILE_METHOD}):\n{profile_table}")
         for note in notes:
             print(f"note: {note}")
     if args.markdown:
         body = f"# gqsa end-to-end benchmark\n\n{header}\n\n{text}\n\n`{settings['command']}`\n\n{table}\n"
         if profile_table:
-            body += f"\nDecode step by component ({args.profile} steps, forward hooks):\n\n{profile_table}\n"
+            body += f"\nDecode step by component ({args.profile} steps; {PROFILE_METHOD}):\n\n{profile_table}\n"
         args.markdown.write_text(body + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else ""))
     return 0
 

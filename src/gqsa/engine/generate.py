@@ -1,11 +1,17 @@
 """The decode loop: ``prefill`` the prompt into a static KV cache, then ``decode_one_token`` until done.
 
-Shaped like gpt-fast's ``generate.py``: small functions, one static cache allocated up front (transformers'
-``StaticCache``, so every supported architecture, sliding-window layers included, keeps its own attention
-code), the LM head applied to the last prompt position only, and per token nothing but the model step, the
-choice of the next token and one host read of it (to stop at end of sequence and to stream).
-``GenerationSpec.compile`` compiles the decode step with ``torch.compile``; it is off by default because on
-the CPU it did not pay for itself (see benchmarks/results/e2e_cpu_*.md).
+Shaped like gpt-fast's ``generate.py``: small functions, one static cache allocated up front, the LM head applied
+to the last prompt position only, and per token nothing but the model step, the choice of the next token and
+one host read of it (to stop at end of sequence and to stream).
+
+Two steps compute the same logits. For Llama, Mistral, Qwen2 and Qwen3 the default is the fused step
+(``gqsa.engine.fused``: the forward written out with the fewest torch calls, its own KV cache, q/k/v and gate/up
+packed layers called once each). Every other model, and any setting the fused step does not implement exactly
+(sliding-window attention shorter than the sequence, length-dependent rope, ...), goes through the model's own
+``forward`` with transformers' ``StaticCache`` (``prefill`` / ``decode_one_token`` here), so every supported
+architecture keeps its own attention code; ``GenerationSpec.fused`` chooses. ``GenerationSpec.compile`` compiles
+the decode step with ``torch.compile``; it is off by default because on the CPU it did not pay for itself (see
+benchmarks/results/e2e_cpu_*.md).
 
     model, tokenizer = gqsa.load("out/smollm2-w4s50")
     use_fastest_backend(model)
@@ -43,6 +49,9 @@ class GenerationSpec:
         seed: seed of the sampling generator (same seed, same tokens).
         stop_at_eos: stop after an end-of-sequence token (False: always ``max_new_tokens``, for benchmarks).
         compile: ``torch.compile`` the decode step (compiles on the first call).
+        fused: the fused decode step (``gqsa.engine.fused``): None uses it where the model is supported and
+            falls back to the model's own forward (logged) elsewhere, True requires it (an unsupported model is
+            an error), False always runs the model's own forward.
     """
 
     max_new_tokens: int = 64
@@ -51,6 +60,7 @@ class GenerationSpec:
     seed: int = 0
     stop_at_eos: bool = True
     compile: bool = False
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -59,6 +69,8 @@ class GenerationSpec:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.fused not in (None, True, False):
+            raise ValueError(f"fused must be None (where supported), True or False, got {self.fused!r}")
 
 
 @dataclass
@@ -69,12 +81,14 @@ class GenerationResult:
     prompt_tokens: length of the prompt.
     first_token_s: prompt in, first new token out (prefill + its sampling): the time to first token.
     decode_s: from the first new token to the last (n - 1 decode steps).
+    step: which decode step ran: "fused" (``gqsa.engine.fused``) or "model" (the model's own forward).
     """
 
     tokens: torch.Tensor
     prompt_tokens: int
     first_token_s: float
     decode_s: float
+    step: str = "model"
 
     @property
     def prefill_tok_s(self) -> float:
@@ -223,24 +237,41 @@ def generate(
                          f"the model's context of {limit} tokens")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    step = _compiled_decode_one_token() if spec.compile else decode_one_token
+    cache_len = cache_length(total, spec.compile, limit)
+    decoder = fused_decoder_for(model, spec, total)
     generator = torch.Generator(device=device).manual_seed(spec.seed) if spec.temperature > 0 else None
     stop = set(eos_ids) if spec.stop_at_eos else set()
-    cache = new_cache(model, cache_length(total, spec.compile, limit))
+    if decoder is None:
+        cache = new_cache(model, cache_len)
+        hf_step = _compiled_decode_one_token() if spec.compile else decode_one_token
+
+        def first_logits(ids: torch.Tensor) -> torch.Tensor:
+            return prefill(model, ids, cache)
+
+        def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+            return hf_step(model, token.view(1, 1), torch.tensor([[position]], device=device), cache)  # (1, V)
+    else:
+        cache = decoder.new_cache(cache_len)
+        fused_step = decoder.compiled_decode_one_token() if spec.compile else decoder.decode_one_token
+
+        def first_logits(ids: torch.Tensor) -> torch.Tensor:
+            return decoder.prefill(ids, cache)
+
+        def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+            return fused_step(token.view(1, 1), position, cache)  # (1, V)
     tokens = torch.empty(spec.max_new_tokens, dtype=torch.long)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     with torch.inference_mode():
         start = time.perf_counter()
-        token = sample(prefill(model, input_ids, cache), spec.temperature, spec.top_p, generator)  # (1,)
+        token = sample(first_logits(input_ids), spec.temperature, spec.top_p, generator)  # (1,)
         tokens[0] = token_id = int(token)
         first = time.perf_counter()
         n = 1
         if streamer is not None:
             streamer.put(tokens[:1])
         while n < spec.max_new_tokens and token_id not in stop:
-            position = torch.tensor([[prompt_len + n - 1]], device=device)  # (1, 1)
-            logits = step(model, token.view(1, 1), position, cache)  # (1, V)
+            logits = next_logits(token, prompt_len + n - 1)  # (1, V)
             token = sample(logits, spec.temperature, spec.top_p, generator)
             tokens[n] = token_id = int(token)
             n += 1
@@ -250,4 +281,27 @@ def generate(
     if streamer is not None:
         streamer.end()
     return GenerationResult(tokens=tokens[:n].clone(), prompt_tokens=prompt_len, first_token_s=first - start,
-                            decode_s=end - first)
+                            decode_s=end - first, step="model" if decoder is None else "fused")
+
+
+def fused_decoder_for(model: nn.Module, spec: GenerationSpec, tokens: int):
+    """The model's FusedDecoder when ``spec.fused`` allows it and the model is supported for a sequence of
+    ``tokens`` tokens; None to decode through the model's own forward.
+
+    Raises:
+        UnsupportedArchitectureError: ``spec.fused`` is True and the fused step cannot run this model.
+    """
+    from gqsa.engine.fused import fused_decoder
+    from gqsa.models.adapter import UnsupportedArchitectureError
+
+    if spec.fused is False:
+        return None
+    try:
+        decoder = fused_decoder(model)
+        decoder.check_length(tokens)
+    except UnsupportedArchitectureError as exc:
+        if spec.fused:
+            raise
+        logger.info("decoding through the model's own forward: %s", exc)
+        return None
+    return decoder

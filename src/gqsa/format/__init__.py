@@ -6,6 +6,7 @@ from gqsa.format.packed import (
     FormatError,
     PackedWeight,
     UnpackedWeight,
+    concat_rows,
     dequantize_bsr,
     quantize_to_packed,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "FormatError",
     "PackedWeight",
     "UnpackedWeight",
+    "concat_rows",
     "dequantize_bsr",
     "pack_bits",
     "quantize_to_packed",
