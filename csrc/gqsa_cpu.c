@@ -911,6 +911,38 @@ static PyObject *py_linear_a8(PyObject *self, PyObject *args) {
     return run_linear(args, 1);
 }
 
+/*
+ * RMSNorm of `rows` rows of n floats, optionally after a residual add: x += delta (when delta is not NULL, in
+ * place), then out = w * (x / sqrt(mean(x^2) + eps)), the order of transformers' LlamaRMSNorm in float32 (the sum
+ * of squares accumulated in double). For the decode step, where torch's rms_norm costs several small calls.
+ */
+static void add_rms_norm(float *x, const float *delta, const float *w, float *out, int64_t rows, int64_t n,
+                         float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float *xr = x + r * n, *o = out + r * n;
+        if (delta)
+            for (int64_t i = 0; i < n; ++i) xr[i] += delta[r * n + i];
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; ++i) ss += (double)xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+        for (int64_t i = 0; i < n; ++i) o[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+static PyObject *py_add_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, delta, w, out;
+    long long rows, n;
+    double eps;
+    if (!PyArg_ParseTuple(args, "KKKKLLd", &x, &delta, &w, &out, &rows, &n, &eps)) return NULL;
+    if (rows < 0 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "add_rms_norm: rows must be >= 0 and n >= 1");
+        return NULL;
+    }
+    add_rms_norm(as_ptr(x), as_ptr(delta), as_ptr(w), as_ptr(out), rows, n, (float)eps);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_quantize_x(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, xq, xs;
@@ -961,6 +993,8 @@ static PyMethodDef methods[] = {
     {"linear_a8", py_linear_a8, METH_VARARGS, py_linear_a8_doc},
     {"quantize_x", py_quantize_x, METH_VARARGS,
      "quantize_x(x, xq, xs, M, K): x (M, K) float32 -> xq (M, K) int8, xs (M, K / 16) float32 (pointers)."},
+    {"add_rms_norm", py_add_rms_norm, METH_VARARGS,
+     "add_rms_norm(x, delta, w, out, rows, n, eps): x (rows, n) += delta (0: none), out = w * rmsnorm(x)."},
     {"isa", py_isa, METH_NOARGS, "Instruction set the kernels use here: 'avx2' or 'scalar'."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the module was built with OpenMP."},
     {NULL, NULL, 0, NULL},
