@@ -397,8 +397,9 @@ def kernel_series(kernel: dict, shape: str) -> dict[str, list[tuple[int, float]]
 
 def kernel_ms_for(entry: dict, kernel: dict, shape: str, batch: int = 1) -> float | None:
     """Batch-``batch`` kernel time of the point's format on ``shape``, if the kernel file measured it: the dense
-    reference is torch's fp32 linear, a GQSA point is ``gqsa-cpu`` when its bits, group size and sparsity are those
-    the file's packed weights were made with."""
+    reference is torch's fp32 linear, a GQSA point is the packed layer's inference call (``gqsa-cpu-kernel-only``,
+    the kernel bound to the layer; ``gqsa-cpu``, the registered op, in files without it) when its bits, group size
+    and sparsity are those the file's packed weights were made with."""
     s = kernel.get("settings", {})
     cfg = entry.get("config")
     if cfg is None:
@@ -406,7 +407,8 @@ def kernel_ms_for(entry: dict, kernel: dict, shape: str, batch: int = 1) -> floa
     elif (cfg.get("quant") and cfg["sparsity"]["pattern"] == "group"
           and (cfg["quant"]["bits"], cfg["quant"]["group_size"]) == (s.get("bits"), s.get("group_size"))
           and math.isclose(cfg["sparsity"]["ratio"], s.get("sparsity", -1.0))):
-        candidate = "gqsa-cpu"
+        series = kernel_series(kernel, shape)
+        candidate = "gqsa-cpu-kernel-only" if "gqsa-cpu-kernel-only" in series else "gqsa-cpu"
     else:
         return None
     return next((ms for b, ms in kernel_series(kernel, shape).get(candidate, []) if b == batch), None)
@@ -642,7 +644,8 @@ def _header(data: dict, points: Sequence[Point], measured: Sequence[Point], kern
     if kernels:
         k = kernels[0]
         out.append(f"Kernel column: `{Path(k['path']).name}`, {kernel_shape(k, s.get('kernel_shape'))}, batch 1: "
-                   "torch fp32 for dense, `gqsa-cpu` for the format the file measured.")
+                   "torch fp32 for dense, for the format the file measured the packed layer's call "
+                   "(`gqsa-cpu-kernel-only`: the kernel bound to the layer, as `GQSALinear` calls it).")
     return " ".join(out)
 
 

@@ -173,3 +173,17 @@ def test_point_with_zero_shot(dense_dir, text_file):
     other_tasks = sweep.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
                                      zeroshot=("piqa",), zeroshot_limit=2)
     assert not sweep.is_done(entry, point, other_tasks)
+
+
+def test_kernel_column_is_the_layer_call_when_the_file_has_it():
+    settings = {"bits": 4, "group_size": 16, "sparsity": 0.5}
+    rows = [("torch-fp32", 3.0), ("gqsa-cpu", 2.0), ("gqsa-cpu-kernel-only", 1.0)]
+    kernel = {"settings": settings, "measurements": [
+        {"shape": "8x8", "batch": 1, "candidate": c, "median_ms": ms} for c, ms in rows]}
+    point = {"config": {"quant": {"bits": 4, "group_size": 16}, "sparsity": {"pattern": "group", "ratio": 0.5}}}
+    assert sweep.kernel_ms_for(point, kernel, "8x8") == 1.0  # the bound kernel a GQSALinear calls
+    assert sweep.kernel_ms_for({"config": None}, kernel, "8x8") == 3.0  # dense: torch fp32
+    other = {"config": {"quant": {"bits": 3, "group_size": 16}, "sparsity": {"pattern": "group", "ratio": 0.5}}}
+    assert sweep.kernel_ms_for(other, kernel, "8x8") is None  # a format the file did not measure
+    kernel["measurements"] = kernel["measurements"][:2]  # an older file: the op's time
+    assert sweep.kernel_ms_for(point, kernel, "8x8") == 2.0
