@@ -256,6 +256,8 @@ def test_generate_streams_samples_reproducibly_and_packs_the_lm_head(capsys, pac
     assert first == second
     code, _, err = _run(capsys, *args, "--lm-head-bits", 8)
     assert code == 0, err
+    code, _, err = _run(capsys, *args, "--lm-head-bits", 8, "--embedding-bits", 8)
+    assert code == 0 and "fused step" in err, err
 
 
 @pytest.mark.parametrize("flags,message", [

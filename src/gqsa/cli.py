@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
                    help="pack the LM head W4/W8 g16 (sparsity 0) when loading: faster decoding, some accuracy")
+    g.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
+                   help="pack the input embedding table W4/W8 g16 when loading: less memory (with --lm-head-bits "
+                        "for a tied model, whose head otherwise keeps the dense table)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
     g.add_argument("--no-fused", action="store_true",
                    help="decode through the model's own forward instead of gqsa's fused step (Llama family)")
@@ -336,6 +339,10 @@ def cmd_generate(args) -> int:
         from gqsa.models.compressed import pack_lm_head
 
         pack_lm_head(model, bits=args.lm_head_bits)
+    if args.embedding_bits:
+        from gqsa.models.compressed import pack_embedding
+
+        pack_embedding(model, bits=args.embedding_bits)
     backend = use_fastest_backend(model)
     text, result = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile,

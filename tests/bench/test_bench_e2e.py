@@ -16,13 +16,14 @@ KEYS = {"candidate", "decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", 
 
 def test_benchmark_runs_every_candidate_in_its_process_and_writes_json(dense_dir, tmp_path, capsys):
     out, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
-    rc = e2e.main([str(dense_dir), "--candidates", "fp32-hf,gqsa-hfstep", "--lm-head-bits", "8", "--prompt-len",
+    rc = e2e.main([str(dense_dir), "--candidates", "fp32-hf,gqsa-hfstep,gqsa-lm8-emb8", "--lm-head-bits", "8",
+                   "--prompt-len",
                    "6", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--profile", "2", "--json", str(out),
                    "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())
     rows = {r["candidate"]: r for r in report["rows"]}
-    assert set(rows) == {"fp32-hf", "gqsa-hfstep", "gqsa-lm8"}
+    assert set(rows) == {"fp32-hf", "gqsa-hfstep", "gqsa-lm8-emb8", "gqsa-lm8"}
     assert all(KEYS <= set(r) for r in rows.values())
     assert all(r["decode_tok_s"] > 0 and r["decode_cpu_ms"] > 0 and r["prefill_tok_s"] > 0
                and r["peak_rss_mb"] >= r["base_rss_mb"] > 0 for r in rows.values())
@@ -30,6 +31,8 @@ def test_benchmark_runs_every_candidate_in_its_process_and_writes_json(dense_dir
     assert [rows[n]["step"] for n in ("fp32-hf", "gqsa-hfstep", "gqsa-lm8")] == [
         "transformers generate", "model forward", "fused"]
     assert rows["gqsa-lm8"]["model_bytes"] < rows["fp32-hf"]["model_bytes"] / 3
+    assert rows["gqsa-lm8-emb8"]["model_bytes"] < rows["gqsa-lm8"]["model_bytes"]  # the packed table is smaller
+    assert rows["gqsa-lm8-emb8"]["step"] == "fused"
     fused, hfstep = report["profiles"]["gqsa-lm8"], report["profiles"]["gqsa-hfstep"]
     assert (fused["step"], hfstep["step"]) == ("fused", "model forward")
     assert {"linear layers", "lm head"} <= set(fused["components_ms"]) and fused["step_ms"] > 0

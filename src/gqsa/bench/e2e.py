@@ -15,7 +15,8 @@ Candidates:
   direct kernel calls) where the model is supported, else the model's own forward with a static cache; the
   ``step`` column says which ran. ``gqsa-lm4`` / ``gqsa-lm8`` (``--lm-head-bits``): the same checkpoint with its
   LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.compressed.pack_lm_head``, saved here before the
-  workers load it).
+  workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: that checkpoint with its input embedding table packed
+  at the same width when loaded (``gqsa.models.compressed.pack_embedding``: less memory).
 * ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hfstep`` and
   ``fp32-engine-hfstep`` (gqsa's loop, but every step through the model's own forward and transformers'
   ``StaticCache``: what the fused step gains), ``gqsa-hf`` (the compressed model through transformers'
@@ -69,7 +70,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "fp32-engine-hfstep", "gqsa-hf", "gqsa-op",
-              "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8")
+              "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8", "gqsa-lm4-emb4", "gqsa-lm8-emb8")
 DEFAULT_CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "gqsa")
 # Llama-2-7B's shapes (hidden, MLP, heads, vocabulary), with few decoder blocks and random weights.
 SHAPES_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -120,7 +121,7 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = (embedding is not None and head is not None and getattr(head, "weight", None) is not None
-            and head.weight is embedding.weight)
+            and head.weight is getattr(embedding, "weight", None))
     embedding_bytes = 0
     for module in model.modules():
         if _is_dynamic_int8(module):  # its weight and bias live in a packed object, unshared
@@ -205,6 +206,10 @@ def load_candidate(spec: CandidateSpec) -> tuple[nn.Module, str]:
     name = spec.name
     if name.startswith("gqsa"):
         model, _ = gqsa.load(spec.checkpoint)
+        if "-emb" in name:  # gqsa-lmB-embB: the input embedding packed too, at load time
+            from gqsa.models.compressed import pack_embedding
+
+            pack_embedding(model, bits=int(name.rsplit("-emb", 1)[1]))
         backend = use_fastest_backend(model)
         if name == "gqsa-op":
             from gqsa.nn import GQSALinear
@@ -659,10 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gqsa-e2e-") as scratch:
         dense, checkpoint, label = resolve_models(args, Path(scratch))
         checkpoints = {f"gqsa-lm{bits}": with_packed_lm_head(checkpoint, bits, Path(scratch))
-                       for bits in (4, 8) if f"gqsa-lm{bits}" in args.candidates}
+                       for bits in (4, 8) if any(c.startswith(f"gqsa-lm{bits}") for c in args.candidates)}
         workers = []
         for name in args.candidates:
-            spec = CandidateSpec(name, dense, checkpoints.get(name, checkpoint), threads)
+            spec = CandidateSpec(name, dense, checkpoints.get(name.split("-emb")[0], checkpoint), threads)
             try:
                 workers.append(start_worker(spec))
             except RuntimeError as exc:

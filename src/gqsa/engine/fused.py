@@ -167,9 +167,14 @@ class FusedDecoder:
         parts: DecoderParts = llama_family_parts(model)
         self.parts = parts
         self.num_heads, self.num_kv_heads, self.head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
-        self.hidden_size = parts.embedding.shape[1]
-        self.dtype = parts.embedding.dtype
-        self.device = parts.embedding.device
+        embedding = parts.embedding
+        self.hidden_size = embedding.embedding_dim
+        if isinstance(embedding, nn.Embedding):
+            self.dtype, self.device = embedding.weight.dtype, embedding.weight.device
+            self.embed = functools.partial(F.embedding, weight=embedding.weight)
+        else:  # a PackedEmbedding: its lookup dequantizes the rows it reads
+            self.dtype, self.device = embedding.dtype, embedding.values.device
+            self.embed = embedding
         self.sliding_window = parts.sliding_window
         self.grouped = bool(self.num_heads != self.num_kv_heads)  # grouped-query attention
         # the shared-rows layers (q/k/v, gate/up) own new buffers: kept here as long as their bound kernels
@@ -245,7 +250,7 @@ class FusedDecoder:
         mask = None
         if t > 1 and start > 0:
             mask = torch.ones(t, end, dtype=torch.bool, device=input_ids.device).tril(start)  # (T, end)
-        x = F.embedding(input_ids, self.parts.embedding)  # (1, T, D), a new tensor: updated in place below
+        x = self.embed(input_ids)  # (1, T, D), a new tensor: updated in place below
         delta = None  # the last block's MLP output, added to x by the next norm
         for block, keys, values in zip(blocks, cache.keys, cache.values):
             n = self._norm(x, block.input_norm, delta)

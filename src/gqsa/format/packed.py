@@ -238,6 +238,37 @@ class PackedWeight:
         """The dense (out_features, in_features) weight; pruned groups are exactly zero."""
         return dequantize_bsr(**self.tensors_with_none(), **_dims(self), dtype=dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of ``dequantize()``, reading only their kept groups (an embedding lookup).
+
+        Args:
+            rows: (R,) integer row indices in [0, out_features), any order, repeats allowed.
+
+        Returns:
+            (R, in_features) float32, equal to ``self.dequantize()[rows]`` bit for bit.
+        """
+        rows = rows.long()
+        starts = self.crow_indices[rows].long()  # (R,)
+        counts = self.crow_indices[rows + 1].long() - starts  # (R,)
+        total = int(counts.sum())
+        owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts,
+                                        output_size=total)  # (E,) output row of each read entry
+        first = torch.cumsum(counts, 0) - counts  # (R,) position of a row's first entry among the E
+        entries = starts[owner] + torch.arange(total, device=rows.device) - first[owner]  # (E,)
+        codes = unpack_bits(self.values[entries], self.bits, self.group_size)  # (E, g)
+        if self.zero_point is None:
+            zero = torch.full((total,), float(symmetric_zero_point(self.bits)), device=rows.device)
+        else:  # code `entry` of the zero-point bit stream, which may straddle two bytes (3 bits)
+            stream = self.zero_point.int()
+            bit = entries * self.bits  # (E,)
+            byte = bit >> 3
+            word = stream[byte] | (stream[(byte + 1).clamp(max=stream.numel() - 1)] << 8)
+            zero = ((word >> (bit & 7)) & ((1 << self.bits) - 1)).float()  # (E,)
+        kept = (codes.float() - zero[:, None]) * self.scale[entries].float()[:, None]  # (E, g)
+        dense = torch.zeros(rows.numel(), self.num_groups, self.group_size, device=rows.device)
+        dense[owner, self.col_indices[entries].long()] = kept
+        return dense.reshape(rows.numel(), self.in_features)
+
     def tensors_with_none(self) -> dict[str, torch.Tensor | None]:
         return {name: getattr(self, name) for name in TENSOR_NAMES}
 

@@ -433,13 +433,14 @@ class BlockParts:
 class DecoderParts:
     """What a Llama-family causal LM computes with, as :func:`llama_family_parts` found it.
 
-    embedding: the (vocab, D) input embedding table (not scaled). rotary: the model's rotary module (see
+    embedding: the input embedding module (not scaled): an ``nn.Embedding`` or a ``gqsa.nn.PackedEmbedding``.
+    rotary: the model's rotary module (see
     :func:`rotary_tables`). sliding_window: the smallest attention window of any block, None when every block
     attends to the whole sequence (the step is exact while the sequence is no longer than the window).
     """
 
     model_type: str
-    embedding: torch.Tensor
+    embedding: nn.Module
     rotary: nn.Module
     blocks: tuple[BlockParts, ...]
     final_norm: RMSNormParts
@@ -495,9 +496,12 @@ def llama_family_parts(model: nn.Module) -> DecoderParts:
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, name, None) is not None:
             raise _unsupported_fused(model, f"{name}={getattr(config, name)}")
+    from gqsa.nn.packed_embedding import PackedEmbedding
+
     embedding = model.get_input_embeddings()
-    if type(embedding) is not nn.Embedding:
-        raise _unsupported_fused(model, f"its input embedding is a {type(embedding).__name__}, not an nn.Embedding")
+    if type(embedding) not in (nn.Embedding, PackedEmbedding):
+        raise _unsupported_fused(model, f"its input embedding is a {type(embedding).__name__}, not an nn.Embedding "
+                                        "or a PackedEmbedding")
     try:
         rotary = model.get_submodule("model.rotary_emb")
     except AttributeError:
@@ -550,7 +554,7 @@ def llama_family_parts(model: nn.Module) -> DecoderParts:
     if not isinstance(inv_freq, torch.Tensor) or 2 * inv_freq.numel() != head_dim:
         raise _unsupported_fused(model, "its rotary embedding does not rotate the whole head (partial rotary)")
     return DecoderParts(
-        model_type=model_type, embedding=embedding.weight, rotary=rotary, blocks=tuple(blocks),
+        model_type=model_type, embedding=embedding, rotary=rotary, blocks=tuple(blocks),
         final_norm=_rms_norm_parts(final_norm(model), "the final norm", model), lm_head=model.get_output_embeddings(),
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         sliding_window=min(windows) if windows else None,

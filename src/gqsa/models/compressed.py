@@ -24,6 +24,7 @@ from gqsa.format.checkpoint import (
     write_weights,
 )
 from gqsa.format.packed import FORMAT_VERSION, summarize_layers
+from gqsa.nn.packed_embedding import PackedEmbedding
 from gqsa.nn.packed_linear import GQSALinear
 from gqsa.utils.io import atomic_directory, atomic_write_text
 
@@ -132,6 +133,40 @@ def pack_lm_head(
     return layer
 
 
+def pack_embedding(
+    model: nn.Module, bits: int = 8, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
+) -> PackedEmbedding:
+    """Store the input embedding table in the packed format at sparsity 0 (lookups dequantize their rows).
+
+    A load-time option for inference, to shrink resident memory: the dense table is released unless something
+    else still holds it. A head tied to the embeddings holds it, so pack the LM head first (``pack_lm_head``
+    unties it). A model with a packed embedding cannot be saved (``save_compressed`` refuses it).
+
+    Args:
+        model: a transformers causal LM whose input embedding is a plain ``nn.Embedding``.
+        bits, group_size, symmetric, qparam_method: the quantization (``gqsa.QuantSpec``'s meaning).
+
+    Returns:
+        The new PackedEmbedding, already set as the model's input embedding.
+
+    Raises:
+        ValueError: the embedding is not a plain nn.Embedding (already packed, or scaled as Gemma's), or the
+            quantization is invalid for it.
+    """
+    embedding = model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(f"the input embedding must be a plain nn.Embedding, got {type(embedding).__name__}")
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        logger.warning("the LM head is tied to the input embedding and keeps the dense table in memory; "
+                       "pack the LM head first (pack_lm_head) to release it")
+    packed = PackedEmbedding.from_embedding(embedding, bits, group_size, symmetric, qparam_method)
+    model.set_input_embeddings(packed)
+    logger.info("input embedding packed: W%d g%d, %.2f bits per weight", bits, group_size,
+                packed.packed_weight().bits_per_weight())
+    return packed
+
+
 def _tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """Keys whose tensor is the same storage as an earlier key's (tied weights): dropped key -> kept key."""
     seen: dict[tuple[int, int, tuple], str] = {}
@@ -182,6 +217,9 @@ def save_compressed(
     layers = layer_metadata(model)
     if not layers:
         raise ValueError("save_compressed: the model has no GQSALinear layer; compress it first")
+    if any(isinstance(m, PackedEmbedding) for m in model.modules()):
+        raise ValueError("save_compressed: the input embedding is packed (pack_embedding), a load-time option that "
+                         "checkpoints do not store; save the model before packing its embedding")
     state = model.state_dict()
     tied = _tied_duplicates(state)
     for name in tied:

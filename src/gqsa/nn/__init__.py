@@ -1,5 +1,6 @@
-"""Modules: the packed inference linear layer (and, later, the trainable fake-quantized one)."""
+"""Modules: the packed inference linear layer and embedding table."""
 
+from gqsa.nn.packed_embedding import PackedEmbedding
 from gqsa.nn.packed_linear import GQSALinear
 
-__all__ = ["GQSALinear"]
+__all__ = ["GQSALinear", "PackedEmbedding"]

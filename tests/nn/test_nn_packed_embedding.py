@@ -1,0 +1,78 @@
+"""PackedEmbedding and pack_embedding: row lookups equal the packed table's dequantization exactly, the dense
+table is released, the fused decode step and the model's own forward both use it, saving is refused."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from gqsa.engine import GenerationSpec, generate
+from gqsa.engine.fused import FusedDecoder
+from gqsa.format import quantize_to_packed
+from gqsa.models.compressed import pack_embedding, pack_lm_head, save_compressed
+from gqsa.nn import PackedEmbedding
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_dequantize_rows_equals_rows_of_the_dense_table(bits, symmetric):
+    gen = torch.Generator().manual_seed(bits)
+    for group_size in (8, 16, 32):
+        w = torch.randn(37, group_size * 7, generator=gen)  # (N, K)
+        mask = torch.rand(37, 7, generator=gen) < 0.5  # (N, G): rows of every length
+        mask[0], mask[5] = True, False  # a full row and an empty one
+        p = quantize_to_packed(w, mask, bits, group_size, symmetric=symmetric)
+        rows = torch.tensor([0, 5, 36, 3, 3, 17, 1])  # any order, repeats, the empty row
+        assert torch.equal(p.dequantize_rows(rows), p.dequantize()[rows])
+        assert p.dequantize_rows(torch.tensor([], dtype=torch.long)).shape == (0, group_size * 7)
+
+
+def test_lookup_is_the_packed_tables_rows_and_close_to_the_dense_ones():
+    emb = torch.nn.Embedding(50, 32)
+    torch.nn.init.normal_(emb.weight, std=0.5)
+    packed = PackedEmbedding.from_embedding(emb, bits=8, group_size=16)
+    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    out = packed(ids)
+    assert out.shape == (2, 3, 32) and out.dtype == torch.float32
+    table = packed.packed_weight().dequantize()  # (50, 32)
+    assert torch.equal(out, table[ids])
+    torch.testing.assert_close(out, emb(ids), atol=0.01, rtol=0)  # W8 g16 rounding of weights of std 0.5
+    with pytest.raises(IndexError, match=r"\[0, 50\)"):
+        packed(torch.tensor([50]))
+
+
+def test_pack_embedding_releases_the_table_and_keeps_the_models_outputs_close():
+    model = tiny_model("llama", seed=0, tie_word_embeddings=True).eval()
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 1]])
+    with torch.inference_mode():
+        want = model(ids).logits
+    pack_embedding(model, bits=8)
+    with pytest.raises(ValueError, match="plain nn.Embedding"):
+        pack_embedding(model, bits=8)  # already packed
+    model = tiny_model("llama", seed=0, tie_word_embeddings=True).eval()
+    dense_table = model.get_input_embeddings().weight
+    pack_lm_head(model, bits=8)  # unties the head, which held the dense table
+    packed = pack_embedding(model, bits=8)
+    assert model.get_input_embeddings() is packed
+    assert all(t is not dense_table for t in model.state_dict().values())
+    with torch.inference_mode():
+        got = model(ids).logits  # the model's own forward looks tokens up in the packed table
+        decoder = FusedDecoder(model)
+        cache = decoder.new_cache(ids.shape[1])
+        fused = decoder.prefill(ids, cache)
+    torch.testing.assert_close(fused, got[:, -1], atol=1e-5, rtol=1e-5)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # W8 head and table: close to the dense model
+    tokens = generate(model, ids, GenerationSpec(max_new_tokens=4, stop_at_eos=False))
+    assert tokens.step == "fused" and tokens.tokens.numel() == 4
+
+
+def test_a_model_with_a_packed_embedding_is_not_saved(tmp_path):
+    from gqsa.compress import compress_model
+    from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
+
+    model = tiny_model("llama", seed=0)
+    compress_model(model, CompressConfig(method="magnitude", quant=QuantSpec(bits=4, group_size=16),
+                                         sparsity=SparsitySpec(ratio=0.5)), progress=False)
+    pack_embedding(model, bits=8)
+    with pytest.raises(ValueError, match="input embedding is packed"):
+        save_compressed(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
