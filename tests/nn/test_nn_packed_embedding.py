@@ -1,5 +1,5 @@
 """PackedEmbedding and pack_embedding: row lookups equal the packed table's dequantization exactly, the dense
-table is released, the fused decode step and the model's own forward both use it, saving is refused."""
+table is released, the fused decode step and the model's own forward both use it, and checkpoints store it."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from tiny import tiny_model
 from gqsa.engine import GenerationSpec, generate
 from gqsa.engine.fused import FusedDecoder
 from gqsa.format import quantize_to_packed
-from gqsa.models.compressed import pack_embedding, pack_lm_head, save_compressed
+from gqsa.models.compressed import pack_embedding, pack_lm_head
 from gqsa.nn import PackedEmbedding
 
 
@@ -65,14 +65,63 @@ def test_pack_embedding_releases_the_table_and_keeps_the_models_outputs_close():
     assert tokens.step == "fused" and tokens.tokens.numel() == 4
 
 
-def test_a_model_with_a_packed_embedding_is_not_saved(tmp_path):
+def test_a_packed_embedding_is_saved_and_loaded_without_a_dense_table(tmp_path):
+    import gqsa
     from gqsa.compress import compress_model
     from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
+    from gqsa.format.checkpoint import checkpoint_info
+
+    model = tiny_model("llama", seed=0, tie_word_embeddings=True)
+    compress_model(model, CompressConfig(method="magnitude", quant=QuantSpec(bits=4, group_size=16),
+                                         sparsity=SparsitySpec(ratio=0.5)), progress=False)
+    pack_lm_head(model, bits=8)
+    pack_embedding(model, bits=4)
+    ids = torch.tensor([[3, 17, 42, 99, 7]])
+    spec = GenerationSpec(max_new_tokens=6, stop_at_eos=False)
+    with torch.inference_mode():
+        want = model(ids).logits
+    want_tokens = generate(model, ids, spec).tokens
+    out = gqsa.save(model, None, tmp_path / "ckpt")
+    info = checkpoint_info(out)
+    assert info["layers"]["model.embed_tokens"]["kind"] == "embedding"
+    loaded, _ = gqsa.load(out)
+    embedding = loaded.get_input_embeddings()
+    assert isinstance(embedding, PackedEmbedding) and embedding.bits == 4
+    assert not any(isinstance(m, torch.nn.Embedding) for m in loaded.modules())  # no dense table was built
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, want)
+    assert torch.equal(generate(loaded, ids, spec).tokens, want_tokens)
+
+
+def test_a_checkpoint_with_an_unknown_layer_kind_is_refused(tmp_path):
+    import json
+
+    import gqsa
+    from gqsa.compress import compress_model
+    from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
+    from gqsa.format.checkpoint import CheckpointError
 
     model = tiny_model("llama", seed=0)
     compress_model(model, CompressConfig(method="magnitude", quant=QuantSpec(bits=4, group_size=16),
                                          sparsity=SparsitySpec(ratio=0.5)), progress=False)
     pack_embedding(model, bits=8)
-    with pytest.raises(ValueError, match="input embedding is packed"):
-        save_compressed(model, None, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    out = gqsa.save(model, None, tmp_path / "ckpt")
+    for name in ("gqsa_config.json", "config.json"):
+        path = out / name
+        cfg = json.loads(path.read_text())
+        layers = cfg["layers"] if name == "gqsa_config.json" else cfg["quantization_config"]["layers"]
+        layers["model.embed_tokens"]["kind"] = "conv"
+        path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown kind 'conv'"):
+        gqsa.load(out)
+
+
+def test_a_table_quantized_in_slices_equals_it_quantized_at_once(monkeypatch):
+    from gqsa.nn import packed_embedding
+
+    emb = torch.nn.Embedding(45, 32)
+    whole = PackedEmbedding.from_embedding(emb, bits=4).packed_weight()
+    monkeypatch.setattr(packed_embedding, "QUANTIZE_ROWS", 8)  # 6 slices, the last of 5 rows
+    sliced = PackedEmbedding.from_embedding(emb, bits=4).packed_weight()
+    for name, t in whole.tensors().items():
+        assert torch.equal(t, getattr(sliced, name)), name

@@ -15,8 +15,8 @@ Candidates:
   direct kernel calls) where the model is supported, else the model's own forward with a static cache; the
   ``step`` column says which ran. ``gqsa-lm4`` / ``gqsa-lm8`` (``--lm-head-bits``): the same checkpoint with its
   LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.compressed.pack_lm_head``, saved here before the
-  workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: that checkpoint with its input embedding table packed
-  at the same width when loaded (``gqsa.models.compressed.pack_embedding``: less memory).
+  workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: the same with the input embedding table stored packed
+  too, at the same width (``gqsa.models.compressed.pack_embedding``: less memory, loading builds no dense table).
 * ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hfstep`` and
   ``fp32-engine-hfstep`` (gqsa's loop, but every step through the model's own forward and transformers'
   ``StaticCache``: what the fused step gains), ``gqsa-hf`` (the compressed model through transformers'
@@ -206,10 +206,6 @@ def load_candidate(spec: CandidateSpec) -> tuple[nn.Module, str]:
     name = spec.name
     if name.startswith("gqsa"):
         model, _ = gqsa.load(spec.checkpoint)
-        if "-emb" in name:  # gqsa-lmB-embB: the input embedding packed too, at load time
-            from gqsa.models.compressed import pack_embedding
-
-            pack_embedding(model, bits=int(name.rsplit("-emb", 1)[1]))
         backend = use_fastest_backend(model)
         if name == "gqsa-op":
             from gqsa.nn import GQSALinear
@@ -479,14 +475,17 @@ def _compress_data_free(model: nn.Module, tokenizer, out: Path) -> Path:
     return out
 
 
-def with_packed_lm_head(checkpoint: str, bits: int, scratch: Path) -> str:
-    """A copy of ``checkpoint`` whose LM head is stored packed (W``bits`` g16, sparsity 0): the ``gqsa-lm`` rows."""
+def with_packed_lm_head(checkpoint: str, bits: int, scratch: Path, embedding: bool = False) -> str:
+    """A copy of ``checkpoint`` whose LM head is stored packed (W``bits`` g16, sparsity 0): the ``gqsa-lm`` rows;
+    with ``embedding`` its input embedding table too (the ``gqsa-lmB-embB`` rows)."""
     import gqsa
-    from gqsa.models.compressed import pack_lm_head
+    from gqsa.models.compressed import pack_embedding, pack_lm_head
 
     model, tokenizer = gqsa.load(checkpoint)
     pack_lm_head(model, bits=bits)
-    out = scratch / f"{Path(checkpoint).name}-lm{bits}"
+    if embedding:
+        pack_embedding(model, bits=bits)
+    out = scratch / f"{Path(checkpoint).name}-lm{bits}{f'-emb{bits}' if embedding else ''}"
     gqsa.save(model, tokenizer, out)
     return str(out)
 
@@ -663,11 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = list(args.note)
     with tempfile.TemporaryDirectory(prefix="gqsa-e2e-") as scratch:
         dense, checkpoint, label = resolve_models(args, Path(scratch))
-        checkpoints = {f"gqsa-lm{bits}": with_packed_lm_head(checkpoint, bits, Path(scratch))
-                       for bits in (4, 8) if any(c.startswith(f"gqsa-lm{bits}") for c in args.candidates)}
+        checkpoints = {name: with_packed_lm_head(checkpoint, bits, Path(scratch), embedding)
+                       for bits in (4, 8) for embedding in (False, True)
+                       if (name := f"gqsa-lm{bits}" + (f"-emb{bits}" if embedding else "")) in args.candidates}
         workers = []
         for name in args.candidates:
-            spec = CandidateSpec(name, dense, checkpoints.get(name.split("-emb")[0], checkpoint), threads)
+            spec = CandidateSpec(name, dense, checkpoints.get(name, checkpoint), threads)
             try:
                 workers.append(start_worker(spec))
             except RuntimeError as exc:

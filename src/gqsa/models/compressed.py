@@ -46,14 +46,18 @@ def packed_layers(model: nn.Module) -> dict[str, GQSALinear]:
 
 
 def layer_metadata(model: nn.Module) -> dict[str, dict]:
-    """Per packed layer, what a loader needs to build it empty (``GQSALinear.metadata``)."""
-    return {name: m.metadata() for name, m in packed_layers(model).items()}
+    """Per packed layer, what a loader needs to build it empty (``GQSALinear.metadata``), and the same for a
+    packed input embedding (``PackedEmbedding.metadata``, marked ``"kind": "embedding"``)."""
+    out = {name: m.metadata() for name, m in packed_layers(model).items()}
+    out.update({name: m.metadata() for name, m in model.named_modules() if isinstance(m, PackedEmbedding)})
+    return out
 
 
 def swap_in_packed_shells(
     model: nn.Module, layers: dict[str, dict], dtype: torch.dtype | None = None, device: str = "meta"
 ) -> None:
-    """Replace the named ``nn.Linear`` modules by empty GQSALinear layers shaped by ``layers``' metadata.
+    """Replace the named ``nn.Linear`` modules by empty GQSALinear layers shaped by ``layers``' metadata (and an
+    ``nn.Embedding`` by an empty PackedEmbedding for an entry of ``"kind": "embedding"``).
 
     Raises:
         CheckpointError: a layer is missing from the model, is not a linear layer, or has other dimensions.
@@ -66,6 +70,19 @@ def swap_in_packed_shells(
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"layer {name!r} does not exist in the {type(model).__name__} skeleton") from exc
+        if meta.get("kind", "linear") == "embedding":
+            if not isinstance(old, (nn.Embedding, PackedEmbedding)):
+                raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not an embedding")
+            if (old.num_embeddings, old.embedding_dim) != (meta["out_features"], meta["in_features"]):
+                raise CheckpointError(
+                    f"embedding {name!r}: checkpoint has {meta['out_features']}x{meta['in_features']} but the "
+                    f"model config gives {old.num_embeddings}x{old.embedding_dim}")
+            table_dtype = old.weight.dtype if isinstance(old, nn.Embedding) else old.dtype
+            set_submodule(model, name, PackedEmbedding.empty(meta, dtype=dtype or table_dtype, device=device))
+            continue
+        if meta.get("kind", "linear") != "linear":
+            raise CheckpointError(f"layer {name!r}: unknown kind {meta['kind']!r} (this gqsa reads 'linear' and "
+                                  "'embedding')")
         if not isinstance(old, (nn.Linear, GQSALinear)):
             raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a linear layer")
         if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
@@ -138,9 +155,10 @@ def pack_embedding(
 ) -> PackedEmbedding:
     """Store the input embedding table in the packed format at sparsity 0 (lookups dequantize their rows).
 
-    A load-time option for inference, to shrink resident memory: the dense table is released unless something
-    else still holds it. A head tied to the embeddings holds it, so pack the LM head first (``pack_lm_head``
-    unties it). A model with a packed embedding cannot be saved (``save_compressed`` refuses it).
+    Shrinks the model: the dense table is released unless something else still holds it. A head tied to the
+    embeddings holds it, so pack the LM head first (``pack_lm_head`` unties it); a dense head that shared the table
+    keeps it as its own weight (the model is untied). ``gqsa.save`` stores the packed table, and loading such a
+    checkpoint never builds the dense one.
 
     Args:
         model: a transformers causal LM whose input embedding is a plain ``nn.Embedding``.
@@ -160,6 +178,9 @@ def pack_embedding(
     if head is not None and getattr(head, "weight", None) is embedding.weight:
         logger.warning("the LM head is tied to the input embedding and keeps the dense table in memory; "
                        "pack the LM head first (pack_lm_head) to release it")
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
     packed = PackedEmbedding.from_embedding(embedding, bits, group_size, symmetric, qparam_method)
     model.set_input_embeddings(packed)
     logger.info("input embedding packed: W%d g%d, %.2f bits per weight", bits, group_size,
@@ -217,9 +238,6 @@ def save_compressed(
     layers = layer_metadata(model)
     if not layers:
         raise ValueError("save_compressed: the model has no GQSALinear layer; compress it first")
-    if any(isinstance(m, PackedEmbedding) for m in model.modules()):
-        raise ValueError("save_compressed: the input embedding is packed (pack_embedding), a load-time option that "
-                         "checkpoints do not store; save the model before packing its embedding")
     state = model.state_dict()
     tied = _tied_duplicates(state)
     for name in tied:

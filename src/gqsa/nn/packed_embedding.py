@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gqsa.format.packed import TENSOR_NAMES, PackedWeight, quantize_to_packed
+from gqsa.format.packed import TENSOR_NAMES, PackedWeight, concat_rows, quantize_to_packed
+
+QUANTIZE_ROWS = 4096  # rows of the table quantized at a time
 
 
 class PackedEmbedding(nn.Module):
@@ -14,7 +16,8 @@ class PackedEmbedding(nn.Module):
     An embedding table is read a few rows per step, so it costs memory, not time: SmolLM2-135M's fp32 table is
     108 MiB of its 148 MiB checkpoint, a 2-block Llama-2-7B-shaped model's 500 MiB. Packed at W8 g16 it takes
     9 bits per weight and a lookup returns exactly ``PackedWeight.dequantize()[ids]``
-    (``PackedWeight.dequantize_rows``).
+    (``PackedWeight.dequantize_rows``). Checkpoints store it like a packed linear layer, marked
+    ``"kind": "embedding"`` in their ``layers`` map (docs/FORMAT.md), so loading never builds the dense table.
 
     Args:
         packed: the (num_embeddings, embedding_dim) table (its tensors are shared, not copied).
@@ -45,9 +48,33 @@ class PackedEmbedding(nn.Module):
         QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, qparam_method=qparam_method) \
             .check_in_features(embedding.embedding_dim, layer="input embedding")
         weight = embedding.weight.detach()  # (vocab, dim)
-        keep = torch.ones(embedding.num_embeddings, embedding.embedding_dim // group_size, dtype=torch.bool)
-        packed = quantize_to_packed(weight.float(), keep, bits, group_size, symmetric, qparam_method)
+        # in slices of rows: quantizing a whole table at once holds several float32 copies of it (measured on a
+        # 32000 x 4096 table: 2.7 GB above the table itself)
+        parts = []
+        for start in range(0, embedding.num_embeddings, QUANTIZE_ROWS):
+            rows = weight[start:start + QUANTIZE_ROWS].float()  # (r, dim)
+            keep = torch.ones(rows.shape[0], embedding.embedding_dim // group_size, dtype=torch.bool)
+            parts.append(quantize_to_packed(rows, keep, bits, group_size, symmetric, qparam_method))
+        packed = parts[0] if len(parts) == 1 else concat_rows(parts)
         return cls(packed.to(weight.device), embedding.padding_idx, weight.dtype)
+
+    @classmethod
+    def empty(cls, meta: dict, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+              ) -> PackedEmbedding:
+        """An embedding with uninitialised buffers shaped by ``meta`` (``metadata()``), for a loader to fill
+        (``device="meta"`` for a skeleton)."""
+        tensors = {name: torch.empty(shape, dtype=tdtype, device=device)
+                   for name, (shape, tdtype) in PackedWeight.expected_shapes(meta).items()}
+        zero_point = tensors.pop("zero_point", None)
+        packed = PackedWeight(**tensors, zero_point=zero_point,
+                              out_features=meta["out_features"], in_features=meta["in_features"],
+                              group_size=meta["group_size"], bits=meta["bits"])
+        return cls(packed, dtype=dtype)
+
+    def metadata(self) -> dict:
+        """What a loader needs to rebuild it empty: the packed weight's metadata, ``"kind": "embedding"`` (the
+        checkpoint's ``layers`` map also holds linear layers) and ``"bias": False``."""
+        return {**self.packed_weight().metadata(), "bias": False, "kind": "embedding"}
 
     def packed_weight(self) -> PackedWeight:
         """The table as a PackedWeight (shares the buffers)."""
