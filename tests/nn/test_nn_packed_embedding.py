@@ -125,3 +125,18 @@ def test_a_table_quantized_in_slices_equals_it_quantized_at_once(monkeypatch):
     sliced = PackedEmbedding.from_embedding(emb, bits=4).packed_weight()
     for name, t in whole.tensors().items():
         assert torch.equal(t, getattr(sliced, name)), name
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_native_lookup_equals_the_torch_one(bits, monkeypatch):
+    from gqsa.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("gqsa._native_cpu is not built")
+    emb = torch.nn.Embedding(40, 48)  # 48 = 3 groups of 16
+    packed = PackedEmbedding.from_embedding(emb, bits=bits, group_size=16, symmetric=bits == 3)
+    ids = torch.tensor([[39, 0, 7], [7, 7, 12]])
+    native = packed(ids)
+    monkeypatch.setattr(cpu, "available", lambda: False)  # the torch path
+    assert torch.equal(native, packed(ids))
+    assert torch.equal(native, packed.packed_weight().dequantize()[ids])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gqsa.format.packed import TENSOR_NAMES, PackedWeight, concat_rows, quantize_to_packed
+from gqsa.ops import cpu
 
 QUANTIZE_ROWS = 4096  # rows of the table quantized at a time
 
@@ -92,7 +93,13 @@ class PackedEmbedding(nn.Module):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got "
                              f"[{int(flat.min())}, {int(flat.max())}]")
-        rows = self.packed_weight().dequantize_rows(flat)  # (n, dim)
+        if self.values.is_cpu and all(t is None or t.is_contiguous() for t in self._buffers.values()) \
+                and cpu.available():
+            rows = cpu.dequantize_rows_native(self.crow_indices, self.col_indices, self.values, self.scale,
+                                              self.zero_point, flat, self.embedding_dim, self.group_size,
+                                              self.bits)  # (n, dim), one native call per row
+        else:
+            rows = self.packed_weight().dequantize_rows(flat)  # (n, dim)
         return rows.to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -121,6 +121,37 @@ def dequantize_native(
     return w
 
 
+def dequantize_rows_native(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    rows: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    bits: int,
+) -> torch.Tensor:
+    """Rows ``rows`` of the dense float32 weight, equal to ``dequantize_bsr(...)[rows]``: one native call per row
+    (an embedding lookup; ``PackedWeight.dequantize_rows`` is the torch version). Tensors contiguous, on the CPU.
+
+    Args:
+        rows: (R,) row indices, valid for ``crow_indices``.
+
+    Returns:
+        (R, in_features) float32.
+    """
+    ext = _extension()
+    problem = problem_args(crow_indices, col_indices, values, scale, zero_point)
+    out = torch.empty(rows.numel(), in_features, dtype=torch.float32)  # (R, K)
+    nnz, crow, step = col_indices.numel(), problem[0], crow_indices.element_size()
+    for i, r in enumerate(rows.tolist()):
+        # the row pointers from row r on: a one-row problem whose entries are read at their global positions
+        ext.dequantize(0, crow + r * step, *problem[1:], out[i].data_ptr(), 0, 1, in_features, nnz, group_size,
+                       bits, 1, 0, ISA_AUTO)
+    return out
+
+
 def native_linear(
     x: torch.Tensor,
     crow_indices: torch.Tensor,
