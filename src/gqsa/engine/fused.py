@@ -240,7 +240,12 @@ class FusedDecoder:
     def _run(self, blocks: list[_Block], lm_head: Linear, input_ids: torch.Tensor, start: int,
              cache: KVCache) -> torch.Tensor:
         """``forward`` with these blocks and LM head (bound kernels when eager, modules when compiled)."""
-        t = input_ids.shape[1]
+        return self._run_embedded(blocks, lm_head, self.embed(input_ids), start, cache)
+
+    def _run_embedded(self, blocks: list[_Block], lm_head: Linear, x: torch.Tensor, start: int,
+                      cache: KVCache) -> torch.Tensor:
+        """``_run`` from the token embeddings x (1, T, D), a new tensor that is updated in place."""
+        t = x.shape[1]
         end = start + t
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         half = d // 2
@@ -249,8 +254,7 @@ class FusedDecoder:
         causal = t > 1 and start == 0
         mask = None
         if t > 1 and start > 0:
-            mask = torch.ones(t, end, dtype=torch.bool, device=input_ids.device).tril(start)  # (T, end)
-        x = self.embed(input_ids)  # (1, T, D), a new tensor: updated in place below
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)  # (T, end)
         delta = None  # the last block's MLP output, added to x by the next norm
         for block, keys, values in zip(blocks, cache.keys, cache.values):
             n = self._norm(x, block.input_norm, delta)
@@ -312,10 +316,16 @@ class FusedDecoder:
             blocks = [_Block(b, shared, _module_call) for b, shared in zip(self.parts.blocks, self.shared)]
             lm_head = self.parts.lm_head
 
-            def step(token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-                return self._run(blocks, lm_head, token, position, cache)
+            def core(x: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+                return self._run_embedded(blocks, lm_head, x, position, cache)
 
-            self._compiled = torch.compile(step, dynamic=True, fullgraph=True)
+            compiled = torch.compile(core, dynamic=True, fullgraph=True)
+
+            def step(token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+                # the lookup stays eager: a packed embedding reads its rows through the native extension
+                return compiled(self.embed(token), position, cache)
+
+            self._compiled = step
         return self._compiled
 
 
