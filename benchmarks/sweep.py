@@ -401,17 +401,17 @@ def kernel_ms_for(entry: dict, kernel: dict, shape: str, batch: int = 1) -> floa
     the kernel bound to the layer; ``gqsa-cpu``, the registered op, in files without it) when its bits, group size
     and sparsity are those the file's packed weights were made with."""
     s = kernel.get("settings", {})
+    series = kernel_series(kernel, shape)
     cfg = entry.get("config")
     if cfg is None:
         candidate = "torch-fp32"
     elif (cfg.get("quant") and cfg["sparsity"]["pattern"] == "group"
           and (cfg["quant"]["bits"], cfg["quant"]["group_size"]) == (s.get("bits"), s.get("group_size"))
           and math.isclose(cfg["sparsity"]["ratio"], s.get("sparsity", -1.0))):
-        series = kernel_series(kernel, shape)
         candidate = "gqsa-cpu-kernel-only" if "gqsa-cpu-kernel-only" in series else "gqsa-cpu"
     else:
         return None
-    return next((ms for b, ms in kernel_series(kernel, shape).get(candidate, []) if b == batch), None)
+    return next((ms for b, ms in series.get(candidate, []) if b == batch), None)
 
 
 # ------------------------------------------------------------------------------------------------- plots

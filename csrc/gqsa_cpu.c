@@ -416,11 +416,10 @@ static void reorder_x(const float *x, int64_t M, int64_t K, int64_t ldx, float *
         }
 }
 
-/* Fused path, M <= MAX_TILE_M: out (M,) for entries [a, b) of one row, unpacked in registers. */
+/* Fused path: out (M,) for entries [a, b) of one row, unpacked in registers (M <= MAX_TILE_M unless p->xr is
+   set; batch 1 with p->xr goes through run_range_b1 instead). */
 GQSA_AVX2 static void fused_avx2(const Problem *p, int64_t a, int64_t b, float *out) {
-    if (p->xr && p->M == 1)
-        b1_g16_q4_avx2(p, a, b, out);
-    else if (p->xr)
+    if (p->xr)
         tile_q4g16_dispatch_avx2(p, a, b, out);
     else
         tile_dispatch_avx2(p, a, b, p->x, out, NULL, (int)p->M);

@@ -105,6 +105,13 @@ def swap_in_packed_shells(
         set_submodule(model, name, shell)
 
 
+def _untie_word_embeddings(model: nn.Module) -> None:
+    """``tie_word_embeddings = False`` in the model's config and its text config (multimodal models have both)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
 def pack_lm_head(
     model: nn.Module, bits: int = 4, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
 ) -> GQSALinear:
@@ -142,9 +149,7 @@ def pack_lm_head(
     bias = None if head.bias is None else head.bias.detach()
     layer = GQSALinear.from_packed(packed, bias)
     set_submodule(model, name, layer)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
+    _untie_word_embeddings(model)
     logger.info("LM head %s packed: W%d g%d, %.2f bits per weight", name, spec.bits, spec.group_size,
                 packed.bits_per_weight())
     return layer
@@ -178,9 +183,7 @@ def pack_embedding(
     if head is not None and getattr(head, "weight", None) is embedding.weight:
         logger.warning("the LM head is tied to the input embedding and keeps the dense table in memory; "
                        "pack the LM head first (pack_lm_head) to release it")
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            if getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
+        _untie_word_embeddings(model)
     packed = PackedEmbedding.from_embedding(embedding, bits, group_size, symmetric, qparam_method)
     model.set_input_embeddings(packed)
     logger.info("input embedding packed: W%d g%d, %.2f bits per weight", bits, group_size,

@@ -37,10 +37,12 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
         (..., n) ``weight * x / sqrt(mean(x^2, -1) + eps)``, a new tensor in x's dtype (float32 on the native
         path; other dtypes normalise in float32 and cast back before scaling, as transformers does).
     """
-    if delta is not None and not _native_ok(x, weight, delta):
+    native = _native_ok(x, weight, delta)
+    if delta is not None and not native:
         x.add_(delta)
         delta = None
-    if _native_ok(x, weight, delta):
+        native = _native_ok(x, weight, None)
+    if native:
         n = x.shape[-1]
         out = torch.empty_like(x)
         cpu._extension().add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(),
