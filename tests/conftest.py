@@ -1,7 +1,17 @@
 """Fixtures shared by the tests that need a model or text on disk: a saved tiny llama with its tokenizer, and a
-small text file (both per test module, so no module sees another's files)."""
+small text file (both per test module, so no module sees another's files).
+
+Without a GPU, Triton's kernels run through its interpreter (tests/ops/test_ops_triton.py): TRITON_INTERPRET
+must be in the environment before anything imports triton, because triton.language's own helpers (tl.sum, ...)
+are wrapped for one mode or the other when triton is imported."""
+
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 

@@ -121,3 +121,19 @@ def test_registering_again_replaces(registry, packed):
     register_kernel(_recording_kernel("dummy", calls, marker=7.0))
     assert bool((packed_linear(torch.randn(1, 32), packed, backend="dummy") == 7.0).all())
 
+
+
+def test_named_only_kernels_run_by_name_but_never_by_auto(registry, packed):
+    """A kernel that serves a device type only when named (Triton's interpreter on CPU) is skipped by "auto" and
+    by the default listing, and runs when asked for."""
+    calls = []
+    kernel = _recording_kernel("dummy_named_only", calls, priority=HIGH + 5, marker=7.0)
+    register_kernel(Kernel(name=kernel.name, device_types=kernel.device_types, fn=kernel.fn,
+                           available=kernel.available, priority=kernel.priority, named_only=frozenset({"cpu"})))
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(packed_linear(x, packed, backend="auto"),
+                               packed_linear(x, packed, backend="reference"))
+    assert "dummy_named_only" not in available_backends("cpu", approximate=True)
+    assert "dummy_named_only" in available_backends("cpu", named_only=True)
+    assert bool((packed_linear(x, packed, backend="dummy_named_only") == 7.0).all())
+    assert [c[0] for c in calls] == ["dummy_named_only"]

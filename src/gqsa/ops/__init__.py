@@ -6,6 +6,7 @@ This package is the only place that may import Triton or the native extension, a
 from gqsa.ops.backends import Backend, Kernel, available_backends, register_kernel
 from gqsa.ops.linear import gqsa_linear, packed_linear, reference_linear
 from gqsa.ops import cpu  # noqa: E402,F401  registers the native "cpu" kernels (extension imported lazily)
+from gqsa.ops import gpu  # noqa: E402,F401  registers the "triton" kernels (triton imported lazily)
 
 __all__ = [
     "Backend",

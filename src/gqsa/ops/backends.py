@@ -31,7 +31,8 @@ class Kernel:
     fn has the op's signature minus ``backend``; ``available()`` says whether it can run in this process
     (e.g. its extension compiled); ``priority``: higher is preferred by ``auto``. ``exact``: computes the op on
     the given x (False: an approximation such as int8 activations, which ``auto`` never picks and
-    ``available_backends`` lists only when asked).
+    ``available_backends`` lists only when asked). ``named_only``: device types (a subset of ``device_types``)
+    where the kernel runs only when asked for by name, never by ``auto`` (Triton's interpreter on CPU).
     """
 
     name: str
@@ -40,6 +41,7 @@ class Kernel:
     available: Callable[[], bool]
     priority: int = 0
     exact: bool = True
+    named_only: frozenset[str] = frozenset()
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -53,11 +55,13 @@ def register_kernel(kernel: Kernel) -> None:
     _KERNELS[kernel.name] = kernel
 
 
-def available_backends(device_type: str = "cpu", approximate: bool = False) -> list[str]:
+def available_backends(device_type: str = "cpu", approximate: bool = False, named_only: bool = False) -> list[str]:
     """Names accepted as ``backend`` for tensors on ``device_type`` (always includes auto and reference); the
-    approximate kernels (``Kernel.exact`` False) only with ``approximate=True``."""
+    approximate kernels (``Kernel.exact`` False) only with ``approximate=True``, and the kernels that serve this
+    device type only by name (``Kernel.named_only``) only with ``named_only=True``."""
     names = [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)
-             if _usable(k, device_type) and (k.exact or approximate)]
+             if _usable(k, device_type) and (k.exact or approximate)
+             and (named_only or device_type not in k.named_only)]
     return [Backend.AUTO.value, Backend.REFERENCE.value, *names]
 
 
@@ -75,7 +79,7 @@ def select_kernel(backend: str, device_type: str, reference: Callable[..., torch
         return reference
     if backend == Backend.AUTO.value:
         for kernel in sorted(_KERNELS.values(), key=lambda k: -k.priority):
-            if kernel.exact and _usable(kernel, device_type):
+            if kernel.exact and device_type not in kernel.named_only and _usable(kernel, device_type):
                 return kernel.fn
         key = ("auto", device_type)
         if key not in _warned:
@@ -89,6 +93,6 @@ def select_kernel(backend: str, device_type: str, reference: Callable[..., torch
     if not _usable(kernel, device_type):
         raise ValueError(
             f"gqsa backend {backend!r} cannot run on device type {device_type!r} here; "
-            f"available: {available_backends(device_type, approximate=True)}"
+            f"available: {available_backends(device_type, approximate=True, named_only=True)}"
         )
     return kernel.fn
