@@ -400,7 +400,8 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what in ("-h", "--help"):
-        print("usage: gqsa bench kernel [--shapes default-model|7b|13b] [--batch 1,4,16] [--json PATH] ...\n"
+        print("usage: gqsa bench kernel [--device cpu|cuda] [--shapes default-model|7b|13b[,...]] [--batch 1,4,16] "
+              "[--sparsity 0.5[,...]] [--json PATH] ...\n"
               "       gqsa bench e2e [MODEL_OR_DIR] [--checkpoint DIR] [--shapes 7b] [--prompt-len 128] "
               "[--new-tokens 128] [--json [PATH]] ...")
         return 0

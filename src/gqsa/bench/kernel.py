@@ -1,14 +1,23 @@
-"""CPU kernel benchmark: ``gqsa::linear`` ("cpu", "cpu-rowsplit") against torch's dense and quantized linears.
+"""Kernel benchmark: ``gqsa::linear`` against torch's dense, quantized and sparse linears, on CPU or on CUDA.
 
     python -m gqsa.bench.kernel --shapes default-model --batch 1,4,16 --sparsity 0.5 --bits 4 --group-size 16 \
         --repeats 20 --json out.json --markdown out.md
+    python -m gqsa.bench.kernel --device cuda --shapes 7b,13b --batch 1,4,16 --sparsity 0.3,0.5,0.7 \
+        --json out.json --markdown out.md
+
+On CPU (the default) the candidates are torch's fp32 and bf16 linears, its dynamic int8 linear, its int4 CPU
+kernel and the native "cpu", "cpu-rowsplit" and "cpu-a8" backends of ``gqsa::linear``. ``--device cuda`` measures
+the Triton backends against cuBLAS, torch's int4 kernel, 2:4 semi-structured sparsity and dense W2: see
+gqsa.bench.kernel_cuda.
 
 Candidates are interleaved (round robin inside each repeat) and run on cold weights: every candidate cycles
-through enough copies of its weight to exceed the last-level cache (``--cold-bytes``, default 64 MiB), so every
-call streams its weight from DRAM, as a decoder layer does during generation. The DRAM read bandwidth is
-measured in the same run (a sum over a large tensor) and every candidate's weight bytes per second are reported
-as a percentage of it. Times are medians per call; ``speedup_vs_fp32`` is the dense fp32 median over the
-candidate's, for the same shape and batch.
+through enough copies of its weight to exceed the last-level cache (``--cold-mib``: 64 MiB on CPU; on CUDA four
+times the L2, at least 256 MiB), so every call streams its weight from memory, as a decoder layer does during
+generation. The memory read bandwidth (DRAM, or HBM on CUDA) is measured in the same run and every candidate's
+weight bytes per second are reported as a percentage of it. Times are medians per call; ``speedup_vs_fp32`` (CPU)
+or ``speedup_vs_fp16`` (CUDA) is the dense baseline's median over the candidate's, for the same shape and batch.
+``--sparsity`` takes a comma-separated list: with several values every GQSA candidate is measured at each, its name
+ending in ``-s<percent>`` (with one value on CPU the names carry no suffix).
 """
 
 from __future__ import annotations
@@ -19,15 +28,16 @@ import math
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from gqsa.format import quantize_to_packed
+from gqsa.format import PackedWeight, quantize_to_packed
 from gqsa.ops import available_backends, packed_linear
 from gqsa.utils.io import atomic_write_text
 
@@ -40,29 +50,157 @@ SHAPES = {
 }
 MIB = 1 << 20
 INT4_GROUP_SIZES = (32, 128)
+DEVICE_DEFAULTS = {  # per --device: repeats, calls timed together per candidate and repeat, cold MiB (None: auto)
+    "cpu": {"repeats": 10, "min_calls": 4, "cold_mib": 64},
+    "cuda": {"repeats": 30, "min_calls": 20, "cold_mib": None},
+}
 
 
 @dataclass
 class Candidate:
-    """One implementation on one shape: ``run(i, x)`` multiplies x by weight copy i."""
+    """One implementation on one shape: ``run(i, x)`` multiplies x by weight copy i.
+
+    ``info`` holds what the measurement rows report about the candidate besides its name (sparsity, split, ...).
+    """
 
     name: str
     run: Callable[[int, torch.Tensor], torch.Tensor]
     copies: int
     weight_bytes: int  # bytes of one copy, everything the kernel reads from the weight (metadata included)
     x_dtype: torch.dtype = torch.float32
+    info: dict = field(default_factory=dict)
 
 
-def _copies(nbytes: int, cold_bytes: int) -> int:
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+def copies_needed(nbytes: int, cold_bytes: int) -> int:
     """Copies needed so that cycling through them touches more than ``cold_bytes``."""
     return max(1, math.ceil(cold_bytes / max(nbytes, 1)))
+
+
+def packed_copies(packed: PackedWeight, n: int) -> list[PackedWeight]:
+    """``packed`` and ``n - 1`` copies of it with their own storage (on its device)."""
+    return [packed] + [PackedWeight(**{name: None if t is None else t.clone()
+                                       for name, t in packed.tensors_with_none().items()},
+                                    out_features=packed.out_features, in_features=packed.in_features,
+                                    group_size=packed.group_size, bits=packed.bits) for _ in range(n - 1)]
+
+
+def random_group_mask(n_out: int, g_count: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """(N, G) bool keep-mask, every group pruned independently with probability ``sparsity`` (CPU generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n_out, g_count, generator=gen) >= sparsity  # (N, G)
+
+
+def sparsity_tag(sparsity: float) -> str:
+    """``-s50`` for 0.5: the suffix of a GQSA candidate's name."""
+    return f"-s{round(sparsity * 100)}"
+
+
+def int4_codes_and_scales(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max int4 codes of ``weight`` and the scales and zeros of torch's int4 kernels.
+
+    Args:
+        weight: (N, K) float, K a multiple of ``group_size``.
+
+    Returns:
+        codes (N, K) int32 in [0, 15] and scales_and_zeros (K // group_size, N, 2) bf16, for the kernels' rule
+        ``w = (q - 8) * scale + zero``.
+    """
+    n_out, k = weight.shape
+    groups = weight.float().reshape(n_out, k // group_size, group_size)  # (N, K/gs, gs)
+    lo, hi = groups.amin(-1), groups.amax(-1)  # (N, K/gs)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    codes = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    szs = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # z = lo + 8 s
+    return codes.reshape(n_out, k), szs
+
+
+def interleaved_times(candidates: list[Candidate], timers: dict[str, Callable[[], float]],
+                      repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every candidate, ``repeats`` times, round robin: every candidate once per repeat.
+
+    ``timers[name]()`` runs the candidate's timed calls once and returns the seconds per call.
+    """
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    for _ in range(repeats):
+        for c in candidates:
+            times[c.name].append(timers[c.name]())
+    return times
+
+
+def measurement_row(c: Candidate, shape: tuple[int, int], batch: int, seconds: list[float],
+                    baseline_median: float | None, bandwidth: float, speedup_key: str) -> dict:
+    """One (candidate, shape, batch) result: median and min ms per call, weight GB/s, % of ``bandwidth`` (GB/s) and
+    the speedup over ``baseline_median`` (seconds; None: no baseline measured)."""
+    n_out, k = shape
+    med = statistics.median(seconds)
+    gbs = c.weight_bytes / med / 1e9
+    return {
+        "candidate": c.name, "shape": f"{n_out}x{k}", "out_features": n_out, "in_features": k, "batch": batch,
+        "median_ms": med * 1e3, "min_ms": min(seconds) * 1e3, "weight_bytes": c.weight_bytes, "gb_per_s": gbs,
+        "bandwidth_pct": 100.0 * gbs / bandwidth,
+        speedup_key: None if baseline_median is None else baseline_median / med, "copies": c.copies, **c.info,
+    }
+
+
+def format_table(rows: list[dict], speedup_key: str = "speedup_vs_fp32", memory: str = "DRAM") -> str:
+    """Markdown table of the measurements (``memory`` names the bandwidth they are a percentage of)."""
+    baseline = speedup_key.removeprefix("speedup_vs_")
+    head = f"| shape (out x in) | batch | candidate | median ms | GB/s | % {memory} bw | speedup vs {baseline} |"
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        speedup = "n/a" if r[speedup_key] is None else f"{r[speedup_key]:.2f}"
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['candidate']} | {r['median_ms']:.3f} | "
+                     f"{r['gb_per_s']:.1f} | {r['bandwidth_pct']:.0f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def settings_dict(args: argparse.Namespace) -> dict:
+    """The resolved arguments for the JSON report (one sparsity as a number, as files of one sparsity have it)."""
+    out = vars(args) | {"json": str(args.json), "markdown": str(args.markdown)}
+    if len(args.sparsity) == 1:
+        out["sparsity"] = args.sparsity[0]
+    return out
+
+
+def sparsity_text(args: argparse.Namespace) -> str:
+    return str(args.sparsity[0]) if len(args.sparsity) == 1 else ",".join(str(s) for s in args.sparsity)
+
+
+def write_outputs(args: argparse.Namespace, title: str, header: str, settings: str, body: str, notes: list[str],
+                  report: dict) -> None:
+    """Print the header, settings, body (tables) and notes; write ``report`` to --json and the text to --markdown."""
+    print(header)
+    print(settings)
+    print(body)
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        atomic_write_text(args.markdown, f"# {title}\n\n{header}\n\n{settings}\n\n{body}\n\n"
+                          + "".join(f"* {n}\n" for n in notes))
+
+
+# ------------------------------------------------------------------------------------------------ CPU candidates
 
 
 def _dense_candidates(weight: torch.Tensor, cold_bytes: int) -> list[Candidate]:
     out = []
     for name, dtype in (("torch-fp32", torch.float32), ("torch-bf16", torch.bfloat16)):
         w = weight.to(dtype)
-        n = _copies(w.nbytes, cold_bytes)
+        n = copies_needed(w.nbytes, cold_bytes)
         ws = [w.clone() for _ in range(n)]
         out.append(Candidate(name, lambda i, x, ws=ws: F.linear(x, ws[i]), n, w.nbytes, dtype))
     return out
@@ -82,7 +220,7 @@ def _int8_candidate(weight: torch.Tensor, cold_bytes: int, notes: list[str]) -> 
                 lin.weight.data.copy_(weight)
                 return quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
 
-            n = _copies(weight.numel(), cold_bytes)
+            n = copies_needed(weight.numel(), cold_bytes)
             mods = [make() for _ in range(n)]
     except Exception as exc:  # noqa: BLE001 - any failure means "not available in this torch"
         notes.append(f"torch-int8-dynamic skipped: {type(exc).__name__}: {exc}")
@@ -99,15 +237,10 @@ def _int4_candidates(weight: torch.Tensor, cold_bytes: int, notes: list[str]) ->
             notes.append(f"torch-int4-g{gs} skipped for {n_out}x{k}: in_features not a multiple of {gs}")
             continue
         try:
-            groups = weight.reshape(n_out, k // gs, gs)  # (N, K/gs, gs)
-            lo, hi = groups.amin(-1), groups.amax(-1)  # (N, K/gs)
-            scale = ((hi - lo) / 15).clamp_min(1e-8)
-            codes = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-            # the kernel computes (q - 8) * s + z: z = lo + 8 s
-            szs = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(n_out, k), 1)
+            codes, szs = int4_codes_and_scales(weight, gs)  # (N, K), (K/gs, N, 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             nbytes = packed.nbytes + szs.nbytes
-            n = _copies(nbytes, cold_bytes)
+            n = copies_needed(nbytes, cold_bytes)
             copies = [(packed.clone(), szs.clone()) for _ in range(n)]
             torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, k, dtype=torch.bfloat16), packed, gs, szs)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:
@@ -121,26 +254,21 @@ def _int4_candidates(weight: torch.Tensor, cold_bytes: int, notes: list[str]) ->
     return out
 
 
-def _gqsa_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes: int,
+def _gqsa_candidates(weight: torch.Tensor, args: argparse.Namespace, sparsity: float, suffix: str, cold_bytes: int,
                      notes: list[str]) -> list[Candidate]:
     n_out, k = weight.shape
-    g_count = k // args.group_size
-    gen = torch.Generator().manual_seed(0)
-    mask = torch.rand(n_out, g_count, generator=gen) >= args.sparsity  # (N, G), unstructured over groups
+    mask = random_group_mask(n_out, k // args.group_size, sparsity)  # (N, G), unstructured over groups
     packed = quantize_to_packed(weight, mask, args.bits, args.group_size)
-    n = _copies(packed.nbytes(), cold_bytes)
-    copies = [packed] + [type(packed)(**{name: None if t is None else t.clone()
-                                         for name, t in packed.tensors_with_none().items()},
-                                      out_features=n_out, in_features=k, group_size=args.group_size,
-                                      bits=args.bits) for _ in range(n - 1)]
+    n = copies_needed(packed.nbytes(), cold_bytes)
+    copies = packed_copies(packed, n)
     usable = available_backends("cpu", approximate=True)
     out = []
     for backend in ("cpu", "cpu-rowsplit", "cpu-a8"):
         if backend not in usable:
             notes.append(f"gqsa-{backend} skipped: the native extension is not built")
             continue
-        out.append(Candidate(f"gqsa-{backend}", lambda i, x, b=backend: packed_linear(x, copies[i], backend=b),
-                             n, packed.nbytes()))
+        out.append(Candidate(f"gqsa-{backend}{suffix}",
+                             lambda i, x, b=backend: packed_linear(x, copies[i], backend=b), n, packed.nbytes()))
     if "cpu" in usable:  # the same kernel without the op's dispatch and argument checks
         from gqsa.ops.cpu import native_linear
 
@@ -149,7 +277,7 @@ def _gqsa_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes:
             return native_linear(x, c.crow_indices, c.col_indices, c.values, c.scale, c.zero_point, None, n_out, k,
                                  args.group_size, args.bits)
 
-        out.append(Candidate("gqsa-cpu-kernel-only", direct, n, packed.nbytes()))
+        out.append(Candidate(f"gqsa-cpu-kernel-only{suffix}", direct, n, packed.nbytes()))
     return out
 
 
@@ -168,44 +296,33 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def bench_shape(shape: tuple[int, int], args: argparse.Namespace, bandwidth: float, notes: list[str]) -> list[dict]:
-    """Every candidate on one (out, in) shape and every batch, interleaved; one dict per (candidate, batch)."""
+    """Every CPU candidate on one (out, in) shape and every batch, interleaved; one dict per (candidate, batch)."""
     n_out, k = shape
     weight = torch.randn(n_out, k, generator=torch.Generator().manual_seed(1)) * 0.02  # (N, K)
     cold = args.cold_mib * MIB
     candidates = [*_dense_candidates(weight, cold), *_int8_candidate(weight, cold, notes),
-                  *_int4_candidates(weight, cold, notes), *_gqsa_candidates(weight, args, cold, notes)]
+                  *_int4_candidates(weight, cold, notes)]
+    for s in args.sparsity:
+        suffix = sparsity_tag(s) if len(args.sparsity) > 1 else ""
+        candidates += _gqsa_candidates(weight, args, s, suffix, cold, notes)
     rows = []
     for batch in args.batch:
         xs = {c.name: torch.randn(batch, k).to(c.x_dtype) for c in candidates}
-        times: dict[str, list[float]] = {c.name: [] for c in candidates}
         for c in candidates:  # warm-up: one pass over the copies
             for i in range(c.copies):
                 c.run(i, xs[c.name])
-        for _ in range(args.repeats):
-            for c in candidates:  # round robin: every candidate once per repeat
-                calls = max(c.copies, args.min_calls)
-                elapsed = _timed(lambda c=c, calls=calls: [c.run(i % c.copies, xs[c.name]) for i in range(calls)])
-                times[c.name].append(elapsed / calls)
+
+        def timer(c: Candidate) -> Callable[[], float]:
+            calls = max(c.copies, args.min_calls)
+            x = xs[c.name]
+            return lambda: _timed(lambda: [c.run(i % c.copies, x) for i in range(calls)]) / calls
+
+        times = interleaved_times(candidates, {c.name: timer(c) for c in candidates}, args.repeats)
         fp32 = statistics.median(times["torch-fp32"])
         for c in candidates:
-            med = statistics.median(times[c.name])
-            gbs = c.weight_bytes / med / 1e9
-            rows.append({
-                "candidate": c.name, "shape": f"{n_out}x{k}", "out_features": n_out, "in_features": k,
-                "batch": batch, "median_ms": med * 1e3, "min_ms": min(times[c.name]) * 1e3,
-                "weight_bytes": c.weight_bytes, "gb_per_s": gbs, "bandwidth_pct": 100.0 * gbs / bandwidth,
-                "speedup_vs_fp32": fp32 / med, "copies": c.copies, "threads": torch.get_num_threads(),
-            })
+            row = measurement_row(c, shape, batch, times[c.name], fp32, bandwidth, "speedup_vs_fp32")
+            rows.append(row | {"threads": torch.get_num_threads()})
     return rows
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def machine_info(bandwidth: float) -> dict:
@@ -213,7 +330,7 @@ def machine_info(bandwidth: float) -> dict:
 
     return {
         "machine": platform.machine(), "processor": _cpu_model(), "cpus": torch.get_num_threads(),
-        "torch": torch.__version__, "git_revision": _git_revision(), "gqsa_isa": cpu_kernels.isa(),
+        "torch": torch.__version__, "git_revision": git_revision(), "gqsa_isa": cpu_kernels.isa(),
         "dram_read_gb_per_s": bandwidth,
     }
 
@@ -228,61 +345,89 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of the measurements."""
-    head = "| shape (out x in) | batch | candidate | median ms | GB/s | % DRAM bw | speedup vs fp32 |"
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['candidate']} | {r['median_ms']:.3f} | "
-                     f"{r['gb_per_s']:.1f} | {r['bandwidth_pct']:.0f} | {r['speedup_vs_fp32']:.2f} |")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------------ arguments
 
 
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def _sparsity_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every sparsity must be in [0, 1), got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _shape_names(text: str) -> str:
+    names = [v for v in text.split(",") if v]
+    unknown = [n for n in names if n not in SHAPES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown shapes {unknown or text!r}; choose from {', '.join(sorted(SHAPES))}")
+    return ",".join(names)
+
+
+def shapes_of(names: str) -> list[tuple[int, int]]:
+    """The (out, in) shapes of comma-separated SHAPES names, in order, without repeats."""
+    return list(dict.fromkeys(s for name in names.split(",") for s in SHAPES[name]))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gqsa.bench.kernel", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", choices=sorted(SHAPES), default="default-model")
+    p.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
+    p.add_argument("--shapes", type=_shape_names, default="default-model",
+                   help=f"comma-separated names among {', '.join(sorted(SHAPES))}")
     p.add_argument("--batch", type=_int_list, default=[1, 4, 16], help="comma-separated rows of x")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned")
+    p.add_argument("--sparsity", type=_sparsity_list, default=[0.5],
+                   help="fraction of groups pruned; comma-separated for several")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--min-calls", type=int, default=4, help="calls timed together per candidate and repeat")
-    p.add_argument("--cold-mib", type=int, default=64, help="bytes of weight copies cycled per candidate")
+    p.add_argument("--repeats", type=int, help="timed rounds over the candidates (default: 10 CPU, 30 CUDA)")
+    p.add_argument("--min-calls", type=int, help="calls timed together per candidate and repeat (default: 4 CPU, "
+                   "20 CUDA; at least the number of weight copies)")
+    p.add_argument("--cold-mib", type=int, help="bytes of weight copies cycled per candidate (default: 64 on CPU; "
+                   "on CUDA 4 x the L2 cache, at least 256)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="CUDA: time the calls as launched from Python instead of replaying a CUDA graph of them")
     p.add_argument("--json", type=Path, help="write {'machine': ..., 'measurements': [...]} here")
     p.add_argument("--markdown", type=Path, help="write the machine description and the table here")
     p.add_argument("--note", action="append", default=[], help="a line about the conditions (repeatable)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, default in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in ("repeats", "min_calls", "cold_mib"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda":
+        from gqsa.bench import kernel_cuda
+
+        try:
+            return kernel_cuda.main(args)
+        except kernel_cuda.DeviceUnavailable as exc:
+            print(f"kernel benchmark: error: {exc}", file=sys.stderr)
+            return 2
     bandwidth = dram_read_gb_per_s()
     info = machine_info(bandwidth)
     notes: list[str] = list(args.note)
     rows = []
-    for shape in SHAPES[args.shapes]:
+    for shape in shapes_of(args.shapes):
         rows.extend(bench_shape(shape, args, bandwidth, notes))
-    settings = (f"shapes {args.shapes}, W{args.bits} group {args.group_size}, sparsity {args.sparsity}, "
+    settings = (f"shapes {args.shapes}, W{args.bits} group {args.group_size}, sparsity {sparsity_text(args)}, "
                 f"{args.repeats} repeats, cold weights ({args.cold_mib} MiB of copies per candidate)")
-    table = format_table(rows)
     header = (f"{info['processor']}, {info['cpus']} threads, torch {info['torch']}, gqsa {info['git_revision']} "
               f"(kernel isa {info['gqsa_isa']}); DRAM read {bandwidth:.1f} GB/s")
-    print(header)
-    print(settings)
-    print(table)
-    for note in notes:
-        print(f"note: {note}")
-    if args.json:
-        report = {"machine": info, "settings": vars(args) | {"json": str(args.json), "markdown": str(args.markdown)},
-                  "notes": notes, "measurements": rows}
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        atomic_write_text(args.markdown, f"# gqsa CPU kernel benchmark\n\n{header}\n\n{settings}\n\n{table}\n\n"
-                          + "".join(f"* {n}\n" for n in notes))
+    report = {"machine": info, "settings": settings_dict(args), "notes": notes, "measurements": rows}
+    write_outputs(args, "gqsa CPU kernel benchmark", header, settings, format_table(rows), notes, report)
     return 0
 
 
