@@ -5,7 +5,9 @@ backends. The kernels are in gqsa.ops.triton_kernels, imported lazily (on the fi
 * M <= ``DECODE_MAX_M`` rows of x (decoding): ``decode_kernel``, the kept groups cut into P equal ranges
   (``triton``) or the rows into P equal ranges (``triton-rowsplit``, data-centric, for comparison); P is
   ``PROGRAMS_PER_SM`` programs per multiprocessor, at most one per kept group (or row).
-* larger M (prefill): ``prefill_kernel``, tiles of dequantized groups into ``tl.dot``.
+* larger M (prefill): ``prefill_kernel``, tiles of dequantized groups into ``tl.dot``, located through a
+  (rows, column groups) map of kept-group positions built for the call (``group_positions``: 4 bytes per group
+  of the dense matrix, transient).
 
 With ``TRITON_INTERPRET=1`` in the environment before the first call, the kernels run on CPU tensors through
 Triton's interpreter (slow; for tests on small shapes) and both backends also accept the ``cpu`` device type, at
@@ -94,6 +96,19 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def group_positions(crow_indices: torch.Tensor, col_indices: torch.Tensor, out_features: int,
+                    num_groups: int) -> torch.Tensor:
+    """(out_features, num_groups) int32: the index of kept group (row, column group) in the packed tensors, -1
+    where the group is pruned. Built on the weight's device without a host synchronisation."""
+    from gqsa.format.packed import row_indices
+
+    nnz = col_indices.numel()
+    positions = torch.full((out_features, num_groups), -1, dtype=torch.int32, device=col_indices.device)
+    rows = row_indices(crow_indices, nnz)  # (nnz,)
+    positions[rows, col_indices.long()] = torch.arange(nnz, dtype=torch.int32, device=col_indices.device)
+    return positions
+
+
 def reads_words(bits: int, group_size: int, values: torch.Tensor) -> bool:
     """Whether the decode kernel reads ``values`` as int32 words: codes never straddle words (2, 4, 8 bits),
     each group fills whole words, and the tensor starts on a 4-byte boundary (a view into a larger buffer may
@@ -160,10 +175,14 @@ def triton_linear(
             BLOCK_G=max(1, DECODE_CODES // group_size), FAN=SEARCH_FAN, **common)
     else:
         block_m = 64 if m >= 64 else max(16, _pow2_at_least(m))
-        grid = (triton_cdiv(m, block_m), triton_cdiv(n, PREFILL_BLOCK_N))
+        block_n = PREFILL_BLOCK_N
+        if x.dtype == torch.float32:  # exact float32 tl.dot holds its tiles in registers: smaller tiles
+            block_m, block_n = min(block_m, 32), 32
+        grid = (triton_cdiv(m, block_m), triton_cdiv(n, block_n))
+        positions = group_positions(crow, col, n, in_features // group_size)
         k.prefill_kernel[grid](
-            x2, y, bias_arg, crow, col, values, scale, zero, m, n, in_features, zero_nbytes, x2.stride(0),
-            y.stride(0), GPS=max(1, PREFILL_MIN_K // group_size), BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N,
+            x2, y, bias_arg, positions, values, scale, zero, m, n, in_features, zero_nbytes, x2.stride(0),
+            y.stride(0), GPS=max(1, PREFILL_MIN_K // group_size), BLOCK_M=block_m, BLOCK_N=block_n,
             IEEE=x.dtype == torch.float32, **common)
     return y.reshape(*lead, n)
 

@@ -20,8 +20,8 @@ order of the float32 accumulation differs from the reference's matmul.
 * Row split (``TASK=False``, data-centric, for comparison): program p takes rows [p*N/P, (p+1)*N/P).
 
 ``prefill_kernel`` (larger M): one program per (BLOCK_M x BLOCK_N) output tile walks the column groups in steps of
-GPS groups. Each of its BLOCK_N weight rows keeps a pointer to its next kept group (col_indices are increasing
-within a row); a step gathers the groups whose column matches (zeros for pruned ones) into a dense
+GPS groups. A (rows, column groups) map of kept-group positions, built per call (``group_positions`` in
+gqsa.ops.gpu), tells it where each group is; a step gathers the kept groups (zeros for pruned ones) into a dense
 (GPS * group_size, BLOCK_N) tile in x's dtype and feeds it with the matching x tile to ``tl.dot`` (tensor cores).
 """
 
@@ -226,12 +226,14 @@ def decode_kernel(x_ptr, y_ptr, bias_ptr, crow_ptr, col_ptr, values_ptr, scale_p
 
 
 @triton.jit
-def prefill_kernel(x_ptr, y_ptr, bias_ptr, crow_ptr, col_ptr, values_ptr, scale_ptr, zero_ptr,
+def prefill_kernel(x_ptr, y_ptr, bias_ptr, position_ptr, values_ptr, scale_ptr, zero_ptr,
                    M, N, K, zero_nbytes, stride_xm, stride_ym,
                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    GPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """y (M, N) = x (M, K) @ W.T (+ bias); grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
 
+    position_ptr: (N, K // GS) int32, the kept-group index of each (row, column group), -1 where pruned
+    (``group_positions``): the loads of a step do not depend on the previous step's, so they pipeline.
     IEEE: exact float32 products in tl.dot (for float32 x) instead of tf32.
     """
     NBYTES: tl.constexpr = GS * BITS // 8
@@ -242,23 +244,17 @@ def prefill_kernel(x_ptr, y_ptr, bias_ptr, crow_ptr, col_ptr, values_ptr, scale_
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mmask = rm < M
     nmask = rn < N
-    nxt = tl.load(crow_ptr + rn, mask=nmask, other=0).to(tl.int64)  # (BLOCK_N,) next kept group of each row
-    end = tl.load(crow_ptr + rn + 1, mask=nmask, other=0).to(tl.int64)
+    G = K // GS
     kk = tl.arange(0, BK)
     sub = kk // GS  # (BK,) which group of the step each k belongs to
     c = kk % GS
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for g0 in range(0, K // GS, GPS):
-        pos = tl.zeros((BK, BLOCK_N), tl.int64)
-        hit = tl.zeros((BK, BLOCK_N), tl.int1)
-        for j in tl.static_range(GPS):
-            has = nxt < end
-            h = has & (tl.load(col_ptr + nxt, mask=has, other=0).to(tl.int64) == g0 + j)  # (BLOCK_N,)
-            here = sub[:, None] == j  # (BK, 1)
-            pos = tl.where(here, nxt[None, :], pos)
-            hit = tl.where(here, h[None, :], hit)
-            nxt += h.to(tl.int64)
-        s = tl.load(scale_ptr + pos, mask=hit, other=0.0).to(tl.float32)  # (BK, BLOCK_N)
+    for g0 in range(0, G, GPS):
+        g = g0 + sub  # (BK,)
+        pos = tl.load(position_ptr + rn[None, :] * G + g[:, None], mask=nmask[None, :] & (g < G)[:, None],
+                      other=-1).to(tl.int64)  # (BK, BLOCK_N)
+        hit = pos >= 0
+        s = tl.load(scale_ptr + pos, mask=hit, other=0.0).to(tl.float32)
         z = _group_zero(zero_ptr, pos, hit, zero_nbytes, BITS, HAS_ZERO)
         base = pos * NBYTES
         q = _codes(values_ptr, base, c[:, None], hit, base + NBYTES, BITS)
