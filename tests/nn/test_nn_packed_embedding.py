@@ -3,6 +3,7 @@ table is released, the fused decode step and the model's own forward both use it
 
 import pytest
 import torch
+from torch import nn
 from tiny import tiny_model
 
 from gqsa.engine import GenerationSpec, generate
@@ -140,3 +141,16 @@ def test_native_lookup_equals_the_torch_one(bits, monkeypatch):
     monkeypatch.setattr(cpu, "available", lambda: False)  # the torch path
     assert torch.equal(native, packed(ids))
     assert torch.equal(native, packed.packed_weight().dequantize()[ids])
+
+
+def test_a_dtype_change_keeps_the_fp16_scales_and_sets_the_output_dtype():
+    torch.manual_seed(0)
+    emb = PackedEmbedding.from_embedding(nn.Embedding(40, 32), bits=8, group_size=16)
+    want = emb(torch.tensor([3, 7]))
+    for convert, dtype in [(lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                           (lambda m: m.float(), torch.float32), (lambda m: m.to("cpu"), torch.float32)]:
+        convert(emb)
+        assert emb.scale.dtype == torch.float16 and emb.dtype == dtype
+        got = emb(torch.tensor([3, 7]))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.to(dtype).float())

@@ -102,5 +102,16 @@ class PackedEmbedding(nn.Module):
             rows = self.packed_weight().dequantize_rows(flat)  # (n, dim)
         return rows.to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the fp16 scales: keep the format's dtype, take the device move, and let a
+        # float dtype change set the dtype of the returned embeddings instead.
+        scale = self._buffers["scale"]
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=scale.device)).dtype  # what a float buffer becomes
+        super()._apply(fn, recurse)
+        moved = self._buffers["scale"]
+        if moved.dtype != torch.float16:
+            self._buffers["scale"] = scale.to(device=moved.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
