@@ -260,7 +260,20 @@ def test_generate_streams_samples_reproducibly_and_packs_the_lm_head(capsys, pac
     assert code == 0 and "fused step" in err, err
 
 
+def test_generate_in_16_bit(capsys, packed_dir):
+    """--dtype casts the activations and dense weights; the packed layers keep their fp16 scales."""
+    args = ("generate", packed_dir, "--prompt", "The quick", "--max-new-tokens", 4, "--no-chat-template")
+    for dtype in ("bfloat16", "float16"):
+        code, out, err = _run(capsys, *args, "--dtype", dtype, "--lm-head-bits", 8, "--embedding-bits", 8)
+        assert code == 0 and "fused step" in err, err
+        assert out.strip()
+
+
 @pytest.mark.parametrize("flags,message", [
+    (("--device", "tpu"), "--device must be cpu or cuda"),
+    (("--device", "not a device"), "--device must be cpu or cuda"),
+    pytest.param(("--device", "cuda"), "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
     (("--max-new-tokens", 0), "max_new_tokens must be a positive integer"),
     (("--temperature", -1), "temperature must be >= 0"),
     (("--top-p", 1.5), "top_p must be in (0, 1]"),

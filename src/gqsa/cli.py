@@ -98,6 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
     g.add_argument("--no-fused", action="store_true",
                    help="decode through the model's own forward instead of gqsa's fused step (Llama family)")
+    g.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (native kernels) or cuda / cuda:N (Triton kernels)")
+    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="activations and dense weights (auto: float32 on CPU, float16 on CUDA); packed weights "
+                        "keep their format")
 
     i = sub.add_parser("info", help="describe a compressed checkpoint")
     i.add_argument("path")
@@ -325,6 +330,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _run_device(name: str, dtype: str):
+    """(torch.device, torch.dtype) of ``--device`` / ``--dtype``.
+
+    Raises:
+        ValueError: a device that is neither cpu nor an available CUDA device.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dtype == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, dtype)
+
+
 def cmd_generate(args) -> int:
     from gqsa.engine import GenerationSpec, use_fastest_backend
     from gqsa.models.loading import load_model
@@ -332,6 +361,7 @@ def cmd_generate(args) -> int:
     GenerationSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # fail early
     if not args.prompt:
         raise ValueError("--prompt is empty")
+    device, dtype = _run_device(args.device, args.dtype)
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; generation needs one")
@@ -343,6 +373,7 @@ def cmd_generate(args) -> int:
         from gqsa.models.compressed import pack_embedding
 
         pack_embedding(model, bits=args.embedding_bits)
+    model.to(device=device, dtype=dtype)
     backend = use_fastest_backend(model)
     text, result = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile,
