@@ -175,6 +175,23 @@ def test_decode_limit_is_checked():
     _check(_x(4, p.in_features), p, "triton", decode_max_m=2)  # M = 4 through the prefill kernel
 
 
+@pytest.mark.skipif(not CUDA, reason="full-size shapes need a GPU (the interpreter takes minutes per call)")
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_llama_7b_shapes_on_the_gpu(shape, bits):
+    """Llama-2-7B's linear shapes at 50% of groups pruned, fp16, decode and prefill batches, both splits; rows
+    keeping very different numbers of groups; the same result twice."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(5)
+    keep = torch.rand(n, k // 16, generator=gen) < torch.linspace(0.05, 0.95, n)[:, None]  # uneven rows, ~50%
+    p = _to(quantize_to_packed(torch.randn(n, k, generator=gen) * 0.02, keep, bits, 16))
+    for m in (1, 4, 16, 64):
+        x = _x(m, k, torch.float16, seed=m)
+        for backend in BACKENDS:
+            got = _check(x, p, backend)
+            assert torch.equal(got, packed_linear(x, p, backend=backend))
+
+
 @pytest.mark.skipif(CUDA, reason="CPU tensors only")
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
