@@ -10,6 +10,9 @@
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness s      # symmetric
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 16   # batch 16
  *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 576 576 5000   # batch 1, N x K = 576 x 576, 5000 calls
+ *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 200 16  # 16 copies (105 MB): from DRAM
+ *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 256 4096 4000 1   # one 0.4 MB copy: from L2
+ * Arguments: symmetry, batch M, N, K, calls, copies (default 4, at most 64). It prints ns per kept group too.
  */
 #include "../../csrc/gqsa_cpu.c"
 #include <time.h>
@@ -17,8 +20,8 @@ static double now(void){struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID
 int main(int argc, char **argv){
   int64_t N=argc>3?atoi(argv[3]):4096,K=argc>4?atoi(argv[4]):4096,g=16,G=K/g; int sym = argc>1 && argv[1][0]=='s';
   int64_t M = argc>2 ? atoi(argv[2]) : 1;
-  int copies=4;
-  Problem ps[4];
+  int copies=argc>6?atoi(argv[6]):4; if(copies<1||copies>64){fprintf(stderr,"copies must be 1..64\n"); return 2;}
+  Problem ps[64];
   srand(1);
   float *x=malloc(M*K*4); for(int64_t i=0;i<M*K;i++) x[i]=(float)rand()/RAND_MAX-0.5f;
   float *y=malloc(M*N*4);
@@ -34,6 +37,6 @@ int main(int argc, char **argv){
   }
   double best=1e9, tot=0; int reps=argc>5?atoi(argv[5]):200;
   for(int r=0;r<reps;r++){ double t=now(); linear(&ps[r%copies],1,MODE_TASK,ISA_AUTO,0); t=now()-t; tot+=t; if(t<best)best=t; }
-  printf("%s M=%ld best %.3f ms mean %.3f ms\n", sym?"sym":"asym", (long)M, best*1e3, tot/reps*1e3);
+  int64_t nz=0; for(int c=0;c<copies;c++) nz+=ps[c].nnz; nz/=copies; printf("%s M=%ld N=%ld K=%ld copies=%d best %.4f ms mean %.4f ms  ns/group best %.3f mean %.3f MB/copy %.2f\n", sym?"sym":"asym", (long)M,(long)N,(long)K,copies, best*1e3, tot/reps*1e3, best*1e9/nz, tot/reps*1e9/nz, nz*12.5/1e6);
   return 0;
 }
