@@ -1,4 +1,5 @@
-"""Constructed calibration problems with known structure, shared by the algorithm tests."""
+"""Constructed problems with known structure: calibration data shared by the algorithm tests, and the awkward
+packed weight shared by the kernel tests."""
 
 import torch
 
@@ -27,3 +28,22 @@ def output_error(w, wq, h):
     """tr((Wq - W) H (Wq - W)^T): the layer's output squared error on the calibration inputs (times 2/n)."""
     d = wq - w
     return float(((d @ h) * d).sum())
+
+
+def awkward_packed(bits, group_size, symmetric, kept="mixed", n=37, groups=7, seed=0):
+    """A packed (n, group_size * groups) weight for kernel tests: n = 37 rows (no tile divides it); ``kept``
+    "all", "none", or "mixed": about half the groups at random, row 0 full, row 5 and the last row empty."""
+    from gqsa.format import quantize_to_packed
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, group_size * groups, generator=gen) * 0.1  # (N, K)
+    if kept == "all":
+        mask = torch.ones(n, groups, dtype=torch.bool)
+    elif kept == "none":
+        mask = torch.zeros(n, groups, dtype=torch.bool)
+    else:
+        mask = torch.rand(n, groups, generator=gen) < 0.5  # (N, G)
+        mask[0] = True  # a full row
+        mask[5] = False  # rows with no kept group, one of them the last
+        mask[-1] = False
+    return quantize_to_packed(w, mask, bits, group_size, symmetric=symmetric)

@@ -10,6 +10,8 @@ import importlib
 import pytest
 import torch
 
+from problems import awkward_packed
+
 from gqsa.config import MAX_GROUP_SIZE, MIN_GROUP_SIZE
 from gqsa.format import PackedWeight, quantize_to_packed
 from gqsa.ops import available_backends, packed_linear
@@ -40,18 +42,7 @@ def threads(monkeypatch):
 
 
 def _packed(bits: int, group_size: int, symmetric: bool, kept: str = "mixed", n: int = N, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, group_size * GROUPS, generator=gen) * 0.1  # (N, K)
-    if kept == "all":
-        mask = torch.ones(n, GROUPS, dtype=torch.bool)
-    elif kept == "none":
-        mask = torch.zeros(n, GROUPS, dtype=torch.bool)
-    else:
-        mask = torch.rand(n, GROUPS, generator=gen) < 0.5  # (N, G)
-        mask[0] = True  # a full row
-        mask[5] = False  # rows with no kept group, one of them the last
-        mask[-1] = False
-    return quantize_to_packed(w, mask, bits, group_size, symmetric=symmetric)
+    return awkward_packed(bits, group_size, symmetric, kept, n=n, groups=GROUPS, seed=seed)
 
 
 def _x(m: int, k: int, dtype=torch.float32, seed: int = 1) -> torch.Tensor:

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from problems import awkward_packed
 
 from gqsa.config import MAX_GROUP_SIZE, MIN_GROUP_SIZE
 from gqsa.format import PackedWeight, quantize_to_packed
@@ -37,20 +38,8 @@ if not CUDA and not gpu.interpreting():
                 allow_module_level=True)
 
 
-def _packed(bits: int, group_size: int, symmetric: bool, kept: str = "mixed", n: int = N, groups: int = GROUPS,
-            seed: int = 0) -> PackedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, group_size * groups, generator=gen) * 0.1  # (N, K)
-    if kept == "all":
-        mask = torch.ones(n, groups, dtype=torch.bool)
-    elif kept == "none":
-        mask = torch.zeros(n, groups, dtype=torch.bool)
-    else:
-        mask = torch.rand(n, groups, generator=gen) < 0.5  # (N, G)
-        mask[0] = True  # a full row
-        mask[5] = False  # rows with no kept group, one of them the last
-        mask[-1] = False
-    return _to(quantize_to_packed(w, mask, bits, group_size, symmetric=symmetric))
+def _packed(bits: int, group_size: int, symmetric: bool, kept: str = "mixed", seed: int = 0) -> PackedWeight:
+    return _to(awkward_packed(bits, group_size, symmetric, kept, n=N, groups=GROUPS, seed=seed))
 
 
 def _to(p: PackedWeight) -> PackedWeight:
