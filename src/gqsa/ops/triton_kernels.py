@@ -105,6 +105,8 @@ def _rows_dot(x_ptr, stride_xm, M, col_ptr, values_ptr, scale_ptr, zero_ptr, zer
     ci = tl.arange(0, CPW)
     c = wi[:, None] * CPW + ci[None, :]  # (NW, CPW) code index in the group
     mm = tl.arange(0, BLOCK_M)
+    if BLOCK_M == 1:  # one row of x: products summed lane by lane, reduced across lanes once, after the loop
+        prod = tl.zeros((BLOCK_R, BLOCK_G, NW, CPW), tl.float32)
     longest = tl.max(count, axis=0)
     for j in range(0, longest, BLOCK_G):
         gmask = (j + jj)[None, :] < count[:, None]  # (R, BG)
@@ -122,10 +124,15 @@ def _rows_dot(x_ptr, stride_xm, M, col_ptr, values_ptr, scale_ptr, zero_ptr, zer
         w = (q.to(tl.float32) - z[:, :, None, None]) * s[:, :, None, None]  # the reference's float32 weights
         w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference's weight is
         xoff = col[:, :, None, None] * GS + c[None, None, :, :]  # columns of x
-        for m in tl.static_range(BLOCK_M):
-            xv = tl.load(x_ptr + m * stride_xm + xoff, mask=m4 & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(tl.sum(w * xv, axis=3), axis=2), axis=1)  # (R,)
-            acc += tl.where(mm[None, :] == m, part[:, None], 0.0)
+        if BLOCK_M == 1:
+            prod += w * tl.load(x_ptr + xoff, mask=m4, other=0.0).to(tl.float32)
+        else:
+            for m in tl.static_range(BLOCK_M):
+                xv = tl.load(x_ptr + m * stride_xm + xoff, mask=m4 & (m < M), other=0.0).to(tl.float32)
+                part = tl.sum(tl.sum(tl.sum(w * xv, axis=3), axis=2), axis=1)  # (R,)
+                acc += tl.where(mm[None, :] == m, part[:, None], 0.0)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(tl.sum(prod, axis=3), axis=2), axis=1)[:, None]
     return acc
 
 
