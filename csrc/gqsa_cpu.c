@@ -33,7 +33,9 @@
  * Group size 16 and every bits value get their own specialised loops (compile-time constants).
  *
  * Instruction sets: functions marked GQSA_AVX2 are compiled for AVX2+FMA+F16C and used only when
- * __builtin_cpu_supports says so; the scalar functions are the portable fallback.
+ * __builtin_cpu_supports says so; the scalar functions are the portable fallback. The batch-1 W4 g16 path also
+ * has an AVX-512F version (b1_g16_q4_avx512), used where the CPU has AVX-512F and GQSA_CPU_AVX512=1 is set
+ * (opt-in: the machine it was written on has no AVX-512, so it has not yet been measured or tested on hardware).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -52,12 +54,17 @@
 #include <immintrin.h>
 #define GQSA_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define GQSA_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#define GQSA_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define GQSA_AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,avx2,fma,f16c")))
 #else
 #define GQSA_HAVE_X86 0
 #endif
 
 enum { MODE_TASK = 0, MODE_ROWS = 1 };
-enum { ISA_AUTO = 0, ISA_SCALAR = 1 };
+/* ISA_AUTO: AVX2 where the CPU has it, and the AVX-512 batch-1 path too where the CPU has AVX-512F and the
+   environment sets GQSA_CPU_AVX512=1 (opt-in until measured on such a CPU). ISA_AVX2: never AVX-512.
+   ISA_AVX512: the AVX-512 path wherever the CPU has it, whatever the environment (tests). */
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 enum { MAX_TILE_M = 8 };
 /* software prefetch distance of the batch-1 loop, in kept groups */
 enum { PREFETCH_ENTRIES = 128 };
@@ -354,6 +361,38 @@ GQSA_AVX2_INLINE void b1_g16_q4_avx2(const Problem *p, int64_t a, int64_t b, flo
     }
     if (e < b) acc0 = b1_entry(p, e, _mm256_broadcast_ss(B1_ZTAB + zero_at_bits(p, e, 4)), acc0);
     *out = hsum_avx2(_mm256_add_ps(acc0, acc1));
+}
+
+/*
+ * The batch-1 path with AVX-512F: the 16 codes of an entry fill one zmm, even columns in lanes 0-7 and odd ones in
+ * 8-15 (the order of xr), so an entry takes one subtraction, one multiply by its scale and one FMA against x.
+ * Only used where the CPU has AVX-512F (use_avx512).
+ */
+GQSA_AVX512_INLINE __m512 b1_entry512(const Problem *p, int64_t e, __m512 zp, __m512 acc) {
+    const float *xe = p->xr + ((const int16_t *)p->col)[e] * 16;
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->values + e * 8)));
+    const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi32(0xF)), hi = _mm256_srli_epi32(v, 4);
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* 16 codes, xr's order */
+    const __m512 w = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(q, _mm512_set1_epi32(0x4B000000))), zp);
+    const __m512 s = _mm512_cvtph_ps(_mm256_set1_epi16((short)p->scale[e]));
+    return _mm512_fmadd_ps(_mm512_mul_ps(w, s), _mm512_load_ps(xe), acc);
+}
+
+GQSA_AVX512_INLINE void b1_g16_q4_avx512(const Problem *p, int64_t a, int64_t b, float *out) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t e = a;
+    if ((e & 1) && e < b) {
+        acc0 = b1_entry512(p, e, _mm512_set1_ps(B1_ZTAB[zero_at_bits(p, e, 4)]), acc0);
+        ++e;
+    }
+    for (; e + 1 < b; e += 2) {
+        _mm_prefetch((const char *)(p->values + (e + PREFETCH_ENTRIES) * 8), _MM_HINT_T0);
+        const int zz = p->zero ? p->zero[e >> 1] : 0x88;
+        acc0 = b1_entry512(p, e, _mm512_set1_ps(B1_ZTAB[zz & 0xF]), acc0);
+        acc1 = b1_entry512(p, e + 1, _mm512_set1_ps(B1_ZTAB[zz >> 4]), acc1);
+    }
+    if (e < b) acc0 = b1_entry512(p, e, _mm512_set1_ps(B1_ZTAB[zero_at_bits(p, e, 4)]), acc0);
+    *out = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 /*
@@ -682,6 +721,18 @@ GQSA_AVX2 static void run_range_b1(const Problem *p, int64_t e0, int64_t e1, int
                                    Partial *head, Partial *tail, const Fns *fns) {
     run_range_with(p, e0, e1, r, ws, head, tail, fns, b1_segment);
 }
+
+GQSA_AVX512_INLINE void b1_segment512(const Problem *p, int64_t a, int64_t b, const Scratch *ws, const Fns *fns,
+                                      float *out) {
+    (void)ws;
+    (void)fns;
+    b1_g16_q4_avx512(p, a, b, out);
+}
+
+GQSA_AVX512 static void run_range_b1_avx512(const Problem *p, int64_t e0, int64_t e1, int64_t r, const Scratch *ws,
+                                            Partial *head, Partial *tail, const Fns *fns) {
+    run_range_with(p, e0, e1, r, ws, head, tail, fns, b1_segment512);
+}
 #endif
 
 static int use_avx2(int isa) {
@@ -693,6 +744,22 @@ static int use_avx2(int isa) {
     (void)isa;
     return 0;
 #endif
+}
+
+/* Whether the CPU has what the AVX-512 path needs (AVX-512F besides the AVX2 set). */
+static int avx512_supported(void) {
+#if GQSA_HAVE_X86
+    return use_avx2(ISA_AUTO) && __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+static int use_avx512(int isa) {
+    if (isa == ISA_SCALAR || isa == ISA_AVX2 || !avx512_supported()) return 0;
+    if (isa == ISA_AVX512) return 1;
+    const char *optin = getenv("GQSA_CPU_AVX512");
+    return optin != NULL && strcmp(optin, "1") == 0;
 }
 
 static Fns pick_fns(int isa) {
@@ -753,7 +820,7 @@ static int linear(const Problem *problem, int threads, int mode, int isa, int ac
     void (*range)(const Problem *, int64_t, int64_t, int64_t, const Scratch *, Partial *, Partial *, const Fns *) =
         run_range;
 #if GQSA_HAVE_X86
-    if (p->xr && p->M == 1) range = run_range_b1;
+    if (p->xr && p->M == 1) range = use_avx512(isa) ? run_range_b1_avx512 : run_range_b1;
 #endif
     memset(p->y, 0, (size_t)(p->M * p->N) * sizeof(float));
     if (p->nnz == 0 || p->M == 0) {
@@ -877,7 +944,7 @@ PyDoc_STRVAR(py_linear_doc,
              "mode, isa)\n\n"
              "y (M, N) float32 = x (M, K) float32 @ W^T. Every tensor argument is a data pointer (int) of a "
              "contiguous tensor; zero is 0 for symmetric weights. mode: 0 task-centric, 1 row split. "
-             "isa: 0 best available, 1 scalar.");
+             "isa: 0 best available, 1 scalar, 2 AVX2 (never AVX-512), 3 AVX-512 where the CPU has it.");
 
 /* linear / linear_a8: parse, check, run without the GIL. */
 static PyObject *run_linear(PyObject *args, int act8) {
@@ -973,7 +1040,13 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
 static PyObject *py_isa(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-    return PyUnicode_FromString(use_avx2(ISA_AUTO) ? "avx2" : "scalar");
+    return PyUnicode_FromString(use_avx512(ISA_AUTO) ? "avx512" : use_avx2(ISA_AUTO) ? "avx2" : "scalar");
+}
+
+static PyObject *py_avx512_supported(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(avx512_supported());
 }
 
 static PyObject *py_openmp(PyObject *self, PyObject *args) {
@@ -994,7 +1067,9 @@ static PyMethodDef methods[] = {
      "quantize_x(x, xq, xs, M, K): x (M, K) float32 -> xq (M, K) int8, xs (M, K / 16) float32 (pointers)."},
     {"add_rms_norm", py_add_rms_norm, METH_VARARGS,
      "add_rms_norm(x, delta, w, out, rows, n, eps): x (rows, n) += delta (0: none), out = w * rmsnorm(x)."},
-    {"isa", py_isa, METH_NOARGS, "Instruction set the kernels use here: 'avx2' or 'scalar'."},
+    {"isa", py_isa, METH_NOARGS,
+     "Instruction set the kernels use here: 'avx512' (the batch-1 path; opt-in), 'avx2' or 'scalar'."},
+    {"avx512_supported", py_avx512_supported, METH_NOARGS, "Whether this CPU has what the AVX-512 path needs."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the module was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };

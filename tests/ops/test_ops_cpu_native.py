@@ -60,7 +60,7 @@ def test_both_kernels_are_registered_and_auto_prefers_the_task_split():
     names = available_backends("cpu")
     assert names.index("cpu") < names.index("cpu-rowsplit")
     assert "cpu" not in available_backends("cuda")
-    assert cpu_kernels.isa() in ("avx2", "scalar")
+    assert cpu_kernels.isa() in ("avx512", "avx2", "scalar")
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -143,6 +143,26 @@ def test_scalar_fallback_path(bits, m):
     got = cpu_kernels.native_linear(x, *tensors, None, p.out_features, p.in_features, p.group_size, p.bits,
                                     isa_=cpu_kernels.ISA_SCALAR)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("isa", [cpu_kernels.ISA_AVX2, cpu_kernels.ISA_AVX512])
+def test_every_instruction_set_computes_the_same(isa, threads):
+    """The AVX-512 batch-1 path (where the CPU has AVX-512F; ISA_AVX512 takes it whatever GQSA_CPU_AVX512 says)
+    and the AVX2 one, on W4 g16 (the format with a batch-1 path): odd and even first entries, rows cut between
+    threads, empty rows, symmetric and asymmetric."""
+    if isa == cpu_kernels.ISA_AVX512 and not cpu_kernels.avx512_supported():
+        pytest.skip("this CPU has no AVX-512F")
+    for symmetric in (False, True):
+        for n_groups in (7, 64):
+            p = awkward_packed(4, 16, symmetric, n=37, groups=n_groups, seed=n_groups + symmetric)
+            tensors = [getattr(p, name) for name in ("crow_indices", "col_indices", "values", "scale", "zero_point")]
+            for t in (1, 2, 3):
+                threads(t)
+                for mode in (cpu_kernels.MODE_TASK, cpu_kernels.MODE_ROWS):
+                    x = _x(1, p.in_features, seed=t)
+                    got = cpu_kernels.native_linear(x, *tensors, None, p.out_features, p.in_features, 16, 4,
+                                                    mode=mode, isa_=isa)
+                    torch.testing.assert_close(got, packed_linear(x, p, backend="reference"), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("isa", [cpu_kernels.ISA_AUTO, cpu_kernels.ISA_SCALAR])

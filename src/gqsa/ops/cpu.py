@@ -42,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 EXTENSION = "gqsa._native_cpu"
 MODE_TASK, MODE_ROWS = 0, 1
-ISA_AUTO, ISA_SCALAR = 0, 1
+# ISA_AUTO: AVX2 where the CPU has it, plus the AVX-512F batch-1 path where the CPU has AVX-512F and the
+# environment sets GQSA_CPU_AVX512=1 (opt-in: not yet measured on such a CPU). ISA_AVX2: never AVX-512.
+# ISA_AVX512: the AVX-512 path wherever the CPU has it (tests).
+ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
 # Above this many rows of x: dense float32 weight (native dequantization) + torch.matmul; see native_batch_limit.
 # Measured (gqsa 90c6420, one thread, thread CPU time, W4 g16 50% kept): on 4096 x 4096 the native kernel wins up
 # to M = 96 (78 against 87 ms) and loses at 128 (106 against 99 ms), most of the dense path's fixed cost being the
@@ -75,9 +78,16 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """Instruction set the native kernels use here ("avx2" or "scalar"), or "unavailable"."""
+    """Instruction set the native kernels use here ("avx512" for the batch-1 path when opted in, "avx2" or
+    "scalar"), or "unavailable"."""
     ext = _extension()
     return ext.isa() if ext is not None else "unavailable"
+
+
+def avx512_supported() -> bool:
+    """Whether this CPU has what the AVX-512 batch-1 path needs (False without the extension)."""
+    ext = _extension()
+    return ext is not None and ext.avx512_supported()
 
 
 def problem_args(
@@ -174,7 +184,8 @@ def native_linear(
     Args:
         x: (..., in_features) float16/bfloat16/float32 on the CPU; computed in float32.
         mode: MODE_TASK (groups split evenly over threads) or MODE_ROWS (rows split evenly).
-        isa_: ISA_AUTO (AVX2 where the CPU has it) or ISA_SCALAR (the portable path; for tests).
+        isa_: ISA_AUTO (AVX2 where the CPU has it; AVX-512 at batch 1 when opted in), ISA_SCALAR (the portable
+            path), ISA_AVX2 or ISA_AVX512 (for tests).
         max_native_batch: above this many rows of x, dense dequantization + torch.matmul (None:
             ``native_batch_limit`` of the shape).
         act8: quantize x to int8 per 16 columns and use integer dot products (4-bit weights, group a multiple
