@@ -242,3 +242,23 @@ def test_kernels_compile_for_sm90(case):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.strip().splitlines()[-1]) > 1000  # bytes of cubin
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bound_call_and_a_packed_layer_use_the_kernel(backend):
+    """The inference fast path (gqsa.ops.direct, as GQSALinear calls it) gives the op's result bit for bit."""
+    from gqsa.nn import GQSALinear
+    from gqsa.ops.direct import bind_linear
+
+    p = _packed(4, 16, False)
+    bias = torch.randn(N).to(DEVICE)
+    bound = bind_linear(p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point, bias, p.out_features,
+                        p.in_features, p.group_size, p.bits, backend=backend)
+    layer = GQSALinear.from_packed(p, bias=bias)
+    layer.backend = backend
+    for m in (1, 3, 20):
+        x = _x(m, p.in_features, seed=m)
+        want = packed_linear(x, p, bias, backend=backend)
+        assert torch.equal(bound(x), want)
+        with torch.no_grad():
+            assert torch.equal(layer(x), want)
