@@ -20,11 +20,12 @@ def load(path, device="cpu", verify_checksums=True):
     return load_compressed(path, device=device, verify_checksums=verify_checksums)
 
 
-def save(model, tokenizer, out_dir, compression=None, overwrite=False):
+def save(model, tokenizer, out_dir, compression=None, overwrite=False, extra_files=None):
     """Save a compressed model as a gqsa checkpoint directory (atomic). See gqsa.models.compressed."""
     from gqsa.models.compressed import save_compressed
 
-    return save_compressed(model, tokenizer, out_dir, compression=compression, overwrite=overwrite)
+    return save_compressed(model, tokenizer, out_dir, compression=compression, overwrite=overwrite,
+                           extra_files=extra_files)
 
 
 def _register_with_transformers() -> None:

@@ -33,6 +33,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in _SAFETENSORS_DTYPES.values())
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be read as written; the message names the file and, where known, the tensor."""
 
@@ -87,7 +90,50 @@ def read_gqsa_config(directory: Path) -> dict:
     for key in ("layers", "weights"):
         if not isinstance(cfg.get(key), dict):
             raise CheckpointError(f"{path}: missing or invalid {key!r} section")
+    for name, meta in cfg["layers"].items():
+        try:
+            check_layer_metadata(meta)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
+    if not isinstance(cfg["weights"].get("tensors"), dict):
+        raise CheckpointError(f"{path}: 'weights' has no 'tensors' record")
+    for name, rec in cfg["weights"]["tensors"].items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in rec["shape"]) and rec.get("dtype") in _DTYPE_NAMES):
+            raise CheckpointError(f"{path}: the record of tensor {name!r} needs 'sha256', a 'shape' of "
+                                  f"non-negative integers and a 'dtype' among {sorted(_DTYPE_NAMES)}")
     return cfg
+
+
+LAYER_KINDS = ("linear", "embedding")
+
+
+def check_layer_metadata(meta: dict) -> None:
+    """Check one entry of a checkpoint's ``layers`` map (``GQSALinear.metadata()`` / ``PackedEmbedding``'s).
+
+    Raises:
+        ValueError: naming the key that is missing or has an impossible value.
+    """
+    from gqsa.config import QuantSpec
+
+    if not isinstance(meta, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    for key in ("out_features", "in_features", "group_size", "bits", "nnz"):
+        value = meta.get(key)
+        if type(value) is not int or value < (0 if key == "nnz" else 1):
+            raise ValueError(f"{key!r} must be a {'non-negative' if key == 'nnz' else 'positive'} integer, "
+                             f"got {value!r}")
+    for key in ("symmetric", "bias"):
+        if type(meta.get(key)) is not bool:
+            raise ValueError(f"{key!r} must be true or false, got {meta.get(key)!r}")
+    if meta.get("kind", "linear") not in LAYER_KINDS:
+        raise ValueError(f"unknown kind {meta['kind']!r} (this gqsa reads {', '.join(map(repr, LAYER_KINDS))})")
+    QuantSpec(bits=meta["bits"], group_size=meta["group_size"])
+    if meta["in_features"] % meta["group_size"]:
+        raise ValueError(f"group_size {meta['group_size']} does not divide in_features {meta['in_features']}")
+    groups = meta["out_features"] * (meta["in_features"] // meta["group_size"])
+    if meta["nnz"] > groups:
+        raise ValueError(f"'nnz' {meta['nnz']} exceeds the {groups} groups of the matrix")
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -108,6 +154,93 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def check_weights_file(
+    directory: Path,
+    gqsa_config: dict,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> Path:
+    """Check a checkpoint's weights file against ``gqsa_config.json`` from its header alone (no tensor is read).
+
+    Checks, in order: the file exists and is as long as its header says (truncation), every tensor recorded in
+    ``gqsa_config.json`` is present and no other, shapes and dtypes match the record and ``expected`` (the
+    model skeleton's).
+
+    Args:
+        directory: checkpoint directory.
+        gqsa_config: from ``read_gqsa_config``.
+        expected: name -> (shape, dtype) that the model to be filled needs, or None to skip that check.
+
+    Returns:
+        The weights file's path.
+
+    Raises:
+        CheckpointError: naming the file and the tensor.
+    """
+    record = gqsa_config["weights"]
+    path = Path(directory) / record.get("file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    header, data_start = _read_header(path)
+    size = path.stat().st_size
+    recorded = record.get("tensors")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{Path(directory) / GQSA_CONFIG_NAME}: 'weights' has no 'tensors' record")
+    for name, info in header.items():
+        try:
+            begin, end = (data_start + int(o) for o in info["data_offsets"])
+            shape, dtype_name = [int(d) for d in info["shape"]], info["dtype"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupted safetensors header entry for tensor {name!r}") from exc
+        if end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes"
+            )
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None or begin < data_start or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: corrupted safetensors header entry for tensor {name!r}")
+    missing = sorted(set(recorded) - set(header))
+    unexpected = sorted(set(header) - set(recorded))
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not in {GQSA_CONFIG_NAME}")
+    if expected is not None:
+        absent = sorted(set(expected) - set(header))
+        if absent:
+            raise CheckpointError(f"{path}: tensor {absent[0]!r} needed by the model is missing")
+        extra = sorted(set(header) - set(expected))
+        if extra:
+            raise CheckpointError(f"{path}: tensor {extra[0]!r} does not belong to the model")
+    for name, info in header.items():
+        shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]]
+        rec = recorded[name]
+        if not isinstance(rec, dict) or list(shape) != rec.get("shape") \
+                or str(dtype).removeprefix("torch.") != rec.get("dtype"):
+            rec_desc = f"{rec.get('shape')} {rec.get('dtype')}" if isinstance(rec, dict) else repr(rec)
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(shape)} {info['dtype']} but {GQSA_CONFIG_NAME} "
+                f"records {rec_desc}"
+            )
+        if expected is not None:
+            want_shape, want_dtype = expected[name]
+            if shape != tuple(want_shape) or dtype != want_dtype:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(shape)} {dtype} but the model expects "
+                    f"{list(want_shape)} {want_dtype}"
+                )
+    for layer, meta in gqsa_config["layers"].items():
+        for tname, (want_shape, want_dtype) in PackedWeight.expected_shapes(meta).items():
+            info = header.get(f"{layer}.{tname}")
+            if info is None:
+                raise CheckpointError(f"{path}: tensor {layer}.{tname} of packed layer {layer!r} is missing")
+            if tuple(info["shape"]) != want_shape or _SAFETENSORS_DTYPES[info["dtype"]] != want_dtype:
+                raise CheckpointError(
+                    f"{path}: tensor {layer}.{tname} has shape {info['shape']} {info['dtype']} but the layer's "
+                    f"metadata in {GQSA_CONFIG_NAME} (nnz={meta['nnz']}) needs {list(want_shape)} {want_dtype}"
+                )
+    return path
+
+
 def read_weights(
     directory: Path,
     gqsa_config: dict,
@@ -116,10 +249,8 @@ def read_weights(
 ) -> dict[str, torch.Tensor]:
     """Load and check the weights of a checkpoint.
 
-    Checks, in order: the file exists and is as long as its header says (truncation), every tensor recorded
-    in ``gqsa_config.json`` is present and no other, shapes and dtypes match the record and ``expected``
-    (the model skeleton's), every tensor's SHA-256 matches (corruption), and every packed layer passes
-    ``PackedWeight.validate``.
+    Checks, in order: ``check_weights_file`` (truncation, names, shapes and dtypes), then ``verify_tensors``
+    (every tensor's SHA-256, every float finite, every packed layer valid under ``PackedWeight.validate``).
 
     Args:
         directory: checkpoint directory.
@@ -135,62 +266,70 @@ def read_weights(
     """
     from safetensors.torch import load_file
 
-    record = gqsa_config["weights"]
-    path = Path(directory) / record.get("file", WEIGHTS_NAME)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    header, data_start = _read_header(path)
-    size = path.stat().st_size
-    for name, info in header.items():
-        end = data_start + info["data_offsets"][1]
-        if end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes"
-            )
-    recorded = record["tensors"]
-    missing = sorted(set(recorded) - set(header))
-    unexpected = sorted(set(header) - set(recorded))
-    if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    if unexpected:
-        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not in {GQSA_CONFIG_NAME}")
-    if expected is not None:
-        absent = sorted(set(expected) - set(header))
-        if absent:
-            raise CheckpointError(f"{path}: tensor {absent[0]!r} needed by the model is missing")
-        extra = sorted(set(header) - set(expected))
-        if extra:
-            raise CheckpointError(f"{path}: tensor {extra[0]!r} does not belong to the model")
-    for name, info in header.items():
-        shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES.get(info["dtype"])
-        rec = recorded[name]
-        if list(shape) != rec["shape"] or str(dtype).removeprefix("torch.") != rec["dtype"]:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(shape)} {info['dtype']} but {GQSA_CONFIG_NAME} "
-                f"records {rec['shape']} {rec['dtype']}"
-            )
-        if expected is not None:
-            want_shape, want_dtype = expected[name]
-            if shape != tuple(want_shape) or dtype != want_dtype:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has shape {list(shape)} {dtype} but the model expects "
-                    f"{list(want_shape)} {want_dtype}"
-                )
+    path = check_weights_file(directory, gqsa_config, expected)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error type; name the file
         raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
+    verify_tensors(path, gqsa_config, tensors, verify_checksums)
+    return tensors
+
+
+def verify_tensors(path: Path, gqsa_config: dict, tensors: dict[str, torch.Tensor],
+                   verify_checksums: bool = True) -> None:
+    """Check tensors read from a checkpoint (by any loader) against its ``gqsa_config.json``.
+
+    Every recorded tensor must be present. Checksums: a tensor with its recorded dtype is hashed as it is; one
+    that the loader cast (transformers' ``from_pretrained(dtype=...)`` casts the dense float tensors) is read
+    again from ``path``, hashed, and must equal the loaded tensor after the same cast. Then every float tensor
+    must be finite and every packed layer must pass ``PackedWeight.validate`` (its indices keep the kernels
+    inside their buffers).
+
+    Args:
+        path: the weights file the tensors were read from.
+        gqsa_config: from ``read_gqsa_config``.
+        tensors: name -> tensor as loaded (on any device); names not recorded are ignored (tied duplicates).
+        verify_checksums: compare SHA-256 digests.
+
+    Raises:
+        CheckpointError: naming the file and the tensor (or layer) and what is wrong with it.
+    """
+    recorded = gqsa_config["weights"]["tensors"]
+    missing = sorted(set(recorded) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} was not loaded ({len(missing)} missing in all)")
     if verify_checksums:
-        for name, t in tensors.items():
-            if tensor_sha256(t) != recorded[name]["sha256"]:
+        for name, rec in recorded.items():
+            t = tensors[name]
+            if str(t.dtype).removeprefix("torch.") == rec["dtype"]:
+                good = tensor_sha256(t) == rec["sha256"]
+            else:
+                stored = _read_tensor(path, name)
+                good = tensor_sha256(stored) == rec["sha256"] and torch.equal(stored.to(t.device, t.dtype), t)
+            if not good:
                 raise CheckpointError(f"{path}: tensor {name!r} is corrupted (SHA-256 does not match)")
+    for name in recorded:
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values ({nan} NaN, {inf} Inf)")
     for layer, meta in gqsa_config["layers"].items():
         packed = packed_from_state(tensors, layer, meta)
         try:
             packed.validate(layer)
         except FormatError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
-    return tensors
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(name)
+    except Exception as exc:  # safetensors raises its own error type; name the file
+        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from exc
 
 
 def packed_from_state(tensors: dict[str, torch.Tensor], layer: str, meta: dict) -> PackedWeight:

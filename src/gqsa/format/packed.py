@@ -310,24 +310,7 @@ class PackedWeight:
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise FormatError(f"{name}.{tname}: expected shape {shape} dtype {dtype}, got {got}")
-        crow = self.crow_indices.long()
-        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
-            raise FormatError(
-                f"{name}.crow_indices: must start at 0, end at nnz={nnz} and never decrease "
-                f"(starts {int(crow[0])}, ends {int(crow[-1])})"
-            )
-        if bool(((crow[1:] - crow[:-1]) > self.num_groups).any()):
-            raise FormatError(f"{name}.crow_indices: a row keeps more than G={self.num_groups} groups")
-        cols = self.col_indices.long()
-        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.num_groups):
-            raise FormatError(f"{name}.col_indices: values must be in [0, {self.num_groups})")
-        if nnz > 1:
-            same_row = torch.ones(nnz - 1, dtype=torch.bool, device=cols.device)
-            starts = crow[1:-1]
-            starts = starts[(starts > 0) & (starts < nnz)]
-            same_row[starts - 1] = False  # position i compares entries i and i+1; a row starts at i+1
-            if bool(((cols[1:] <= cols[:-1]) & same_row).any()):
-                raise FormatError(f"{name}.col_indices: must strictly increase within each row")
+        check_indices(self.crow_indices, self.col_indices, self.num_groups, name)
         s = self.scale.float()
         if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
             raise FormatError(f"{name}.scale: every kept group needs a finite positive scale")
@@ -335,6 +318,49 @@ class PackedWeight:
             used = (nnz * self.bits) % 8
             if int(self.zero_point[-1]) >> used:
                 raise FormatError(f"{name}.zero_point: padding bits after the last zero point must be 0")
+
+
+def check_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, num_groups: int,
+                  name: str = "weight") -> None:
+    """The index rules of docs/FORMAT.md, which every kernel relies on to stay inside its buffers.
+
+    Rows start at 0, never decrease and end at nnz; column-group indices lie in [0, num_groups) and strictly
+    increase within each row (so no row holds more than num_groups entries: the kernels size per-row buffers by
+    it). Shapes and dtypes are the caller's to check (``PackedWeight.validate``, ``gqsa::linear``'s checks).
+
+    Args:
+        crow_indices: (N + 1,) integer row pointers.
+        col_indices: (nnz,) integer column-group indices.
+        num_groups: G = in_features // group_size.
+        name: what the message calls the weight.
+
+    Raises:
+        FormatError: naming ``name``, the tensor and the broken rule.
+    """
+    nnz = col_indices.numel()
+    crow = crow_indices.long()
+    if crow.numel() < 1:
+        raise FormatError(f"{name}.crow_indices: empty (needs out_features + 1 entries)")
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise FormatError(
+            f"{name}.crow_indices: must start at 0, end at nnz={nnz} and never decrease "
+            f"(starts {int(crow[0])}, ends {int(crow[-1])})"
+        )
+    if bool(((crow[1:] - crow[:-1]) > num_groups).any()):
+        raise FormatError(f"{name}.crow_indices: a row keeps more than G={num_groups} groups")
+    if nnz == 0:
+        return
+    cols = col_indices.long()
+    low, high = int(cols.min()), int(cols.max())
+    if low < 0 or high >= num_groups:
+        raise FormatError(f"{name}.col_indices: values must be in [0, {num_groups}), found {low if low < 0 else high}")
+    if nnz > 1:
+        same_row = torch.ones(nnz - 1, dtype=torch.bool, device=cols.device)
+        starts = crow[1:-1]
+        starts = starts[(starts > 0) & (starts < nnz)]
+        same_row[starts - 1] = False  # position i compares entries i and i+1; a row starts at i+1
+        if bool(((cols[1:] <= cols[:-1]) & same_row).any()):
+            raise FormatError(f"{name}.col_indices: must strictly increase within each row")
 
 
 def summarize_layers(layers: list[tuple[dict, int]]) -> dict:

@@ -21,11 +21,14 @@ from gqsa.format.checkpoint import (
     CheckpointError,
     read_gqsa_config,
     read_weights,
+    verify_tensors,
     write_weights,
 )
 from gqsa.format.packed import FORMAT_VERSION, summarize_layers
+from gqsa.models.outputs import PRUNED_CONFIG_NAME
 from gqsa.nn.packed_embedding import PackedEmbedding
 from gqsa.nn.packed_linear import GQSALinear
+from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -222,6 +225,7 @@ def save_compressed(
     out_dir: str | Path,
     compression: dict | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a compressed model as a gqsa checkpoint directory, atomically.
 
@@ -231,6 +235,7 @@ def save_compressed(
         out_dir: target directory; it appears complete or not at all.
         compression: the resolved compression config (``CompressConfig.to_dict()``), recorded in gqsa_config.json.
         overwrite: replace an existing non-empty ``out_dir``.
+        extra_files: file name -> text written into the directory with the rest (a report, the resolved config).
 
     Returns:
         The directory.
@@ -268,21 +273,29 @@ def save_compressed(
             "weights": weights,
             "summary": model_summary(model),
         }
-        atomic_write_text(tmp / GQSA_CONFIG_NAME, json.dumps(gqsa_config, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(tmp / GQSA_CONFIG_NAME, jsonio.dumps(gqsa_config, indent=1, sort_keys=True) + "\n")
+        _write_extra(tmp, extra_files)
     logger.info("saved compressed model to %s", out_dir)
     return out_dir
 
 
-PRUNED_CONFIG_NAME = "gqsa_pruned.json"
+
+
+def _write_extra(directory: Path, files: dict[str, str] | None) -> None:
+    for name, text in (files or {}).items():
+        if Path(name).name != name or name in (GQSA_CONFIG_NAME, PRUNED_CONFIG_NAME):
+            raise ValueError(f"extra file name {name!r} must be a plain file name other than gqsa's own")
+        atomic_write_text(directory / name, text)
 
 
 def save_pruned(
-    model: nn.Module, tokenizer, out_dir: str | Path, compression: dict | None = None, overwrite: bool = False
+    model: nn.Module, tokenizer, out_dir: str | Path, compression: dict | None = None, overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a model pruned in float (unstructured / N:M baselines) as a plain transformers checkpoint, atomically.
 
     The zeros are stored, so ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` and every gqsa
-    evaluation load it as is; ``gqsa_pruned.json`` records how it was made.
+    evaluation load it as is; ``gqsa_pruned.json`` records how it was made. ``extra_files`` as ``save_compressed``.
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -291,7 +304,8 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         record = {"format": "transformers (dense storage, pruned weights are zeros)", "gqsa_version": __version__,
                   "compression": compression}
-        atomic_write_text(tmp / PRUNED_CONFIG_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(tmp / PRUNED_CONFIG_NAME, jsonio.dumps(record, indent=1, sort_keys=True) + "\n")
+        _write_extra(tmp, extra_files)
     logger.info("saved pruned model to %s", out_dir)
     return out_dir
 
@@ -309,23 +323,41 @@ def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device) 
         model._init_weights(module)
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify_checksums: bool = True):
-    """Load a gqsa checkpoint as a transformers model (and its tokenizer) without dense weights.
+def verify_loaded_model(model: nn.Module, weights: Path, gqsa_config: dict, verify_checksums: bool = True) -> None:
+    """Check a model that another loader (transformers' ``from_pretrained``) filled from a gqsa checkpoint.
 
     Args:
-        path: checkpoint directory written by ``save_compressed``.
-        device: where the tensors go.
-        verify_checksums: check each tensor's SHA-256 against gqsa_config.json.
-
-    Returns:
-        (model in eval mode, tokenizer or None).
+        model: the loaded model (packed layers swapped in from ``gqsa_config["layers"]``).
+        weights: the checkpoint's weights file; gqsa_config: its ``gqsa_config.json`` (``read_gqsa_config``).
+        verify_checksums: compare every tensor's SHA-256 with the record.
 
     Raises:
-        CheckpointError: naming the file and tensor for truncated, corrupted, version- or shape-mismatched files.
+        CheckpointError: a tensor the model holds that the checkpoint does not record (or the reverse), left
+            unloaded, corrupted, non-finite, or a packed layer that breaks the format's rules.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tied = gqsa_config.get("tied", {})
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    recorded = gqsa_config["weights"]["tensors"]
+    unrecorded = sorted(set(state) - set(recorded))
+    if unrecorded:
+        raise CheckpointError(f"{weights}: tensor {unrecorded[0]!r} needed by the model is not in the checkpoint")
+    unloaded = sorted(k for k, v in state.items() if v.is_meta)
+    if unloaded:
+        raise CheckpointError(f"{weights}: tensor {unloaded[0]!r} was not loaded (gqsa checkpoints cannot be "
+                              "offloaded to disk)")
+    verify_tensors(weights, gqsa_config, state, verify_checksums)
 
-    path = Path(path)
+
+def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
+    """The checkpoint's model on the meta device with its packed shells, its ``gqsa_config.json``, and the shape
+    and dtype of every tensor the model needs from the weights file (tied duplicates excluded).
+
+    Raises:
+        CheckpointError: ``gqsa_config.json`` or ``config.json`` missing, unreadable or disagreeing, or layer
+            metadata that does not fit the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     gqsa_config = read_gqsa_config(path)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -344,9 +376,80 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_packed_shells(model, gqsa_config["layers"], device="meta")
-    skeleton = model.state_dict()
     tied = gqsa_config.get("tied", {})
-    expected = {k: (tuple(t.shape), t.dtype) for k, t in skeleton.items() if k not in tied}
+    expected = {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items() if k not in tied}
+    return model, gqsa_config, expected
+
+
+def check_checkpoint(path: str | Path, verify_checksums: bool = True) -> dict:
+    """Every check ``load_compressed`` makes, without building the model's weights (``gqsa info``).
+
+    Args:
+        path: checkpoint directory.
+        verify_checksums: compare every tensor's SHA-256 with its record (one pass over the bytes).
+
+    Returns:
+        The checkpoint's ``gqsa_config.json``.
+
+    Raises:
+        CheckpointError: naming the file and the tensor, as ``load_compressed``.
+    """
+    path = Path(path)
+    _, gqsa_config, expected = _skeleton(path)
+    read_weights(path, gqsa_config, expected=expected, verify_checksums=verify_checksums)
+    return gqsa_config
+
+
+def check_pruned_checkpoint(path: str | Path) -> None:
+    """Check that a float baseline checkpoint (plain transformers files + ``gqsa_pruned.json``) can be loaded:
+    its records and config parse, and its safetensors files are complete (their headers, not their bytes).
+
+    Raises:
+        CheckpointError: naming the file that is missing, unreadable or truncated.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(path)
+    for name in (PRUNED_CONFIG_NAME, "config.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path / name}: cannot be read ({exc})") from exc
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: not a model config ({exc})") from exc
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors weights file")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error type; name the file
+            raise CheckpointError(f"{file}: truncated or corrupted ({exc})") from exc
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify_checksums: bool = True):
+    """Load a gqsa checkpoint as a transformers model (and its tokenizer) without dense weights.
+
+    Args:
+        path: checkpoint directory written by ``save_compressed``.
+        device: where the tensors go.
+        verify_checksums: check each tensor's SHA-256 against gqsa_config.json.
+
+    Returns:
+        (model in eval mode, tokenizer or None).
+
+    Raises:
+        CheckpointError: naming the file and tensor for truncated, corrupted, version- or shape-mismatched files.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    model, gqsa_config, expected = _skeleton(path)
+    tied = gqsa_config.get("tied", {})
     state = read_weights(path, gqsa_config, expected=expected, verify_checksums=verify_checksums)
     state = {k: v.to(device) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)

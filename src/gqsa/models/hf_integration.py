@@ -1,14 +1,24 @@
-"""Make ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` load gqsa checkpoints.
+"""Make ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` load gqsa checkpoints, checked as ``gqsa.load``.
 
 A gqsa checkpoint's ``config.json`` carries ``"quantization_config": {"quant_method": "gqsa", ...}`` with the
 metadata of every packed layer. ``register_with_transformers()`` (called by ``import gqsa``) registers the
 config class and a quantizer that swaps those ``nn.Linear`` modules for empty ``GQSALinear`` shells before
 transformers fills them from the safetensors file.
+
+Checkpoints come from strangers, so this path checks what ``gqsa.load`` checks: before any weight is read, the
+checkpoint's ``gqsa_config.json`` must be there and agree with ``config.json``, and the weights file's header
+must match its record (no truncation, no missing, extra or reshaped tensor); after transformers has filled the
+model, every tensor's SHA-256 is compared with the record, every float must be finite and every packed layer
+must pass ``PackedWeight.validate`` (indices in range, so the kernels never read outside their buffers). Any
+failure raises ``CheckpointError`` naming the file and the tensor. ``GQSA_VERIFY_CHECKSUMS=0`` in the
+environment skips the hashing (one pass over the bytes); the structural checks always run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -57,13 +67,18 @@ def _quantizer_class():
                     f"by this gqsa (reads {FORMAT_VERSION})"
                 )
 
-        def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
             from gqsa.models.compressed import swap_in_packed_shells
 
+            self._checkpoint = _checked_checkpoint(self.quantization_config.layers, checkpoint_files)
             swap_in_packed_shells(model, self.quantization_config.layers, dtype=dtype, device="meta")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            from gqsa.models.compressed import verify_loaded_model
+
+            weights, gqsa_config = self._checkpoint
+            verify_loaded_model(model, weights, gqsa_config, verify_checksums=verify_checksums_enabled())
             return model
 
         def is_serializable(self, **kwargs) -> bool:
@@ -75,6 +90,41 @@ def _quantizer_class():
             return False
 
     return GQSAHfQuantizer
+
+
+VERIFY_CHECKSUMS_ENV = "GQSA_VERIFY_CHECKSUMS"
+
+
+def verify_checksums_enabled() -> bool:
+    """False only when the environment sets ``GQSA_VERIFY_CHECKSUMS=0`` (the structural checks still run)."""
+    return os.environ.get(VERIFY_CHECKSUMS_ENV, "1").strip() != "0"
+
+
+def _checked_checkpoint(layers: dict, checkpoint_files: list[str] | None) -> tuple[Path, dict]:
+    """The weights file and ``gqsa_config.json`` of the checkpoint transformers is about to load, checked from
+    their headers (see the module docstring).
+
+    Raises:
+        CheckpointError: no checkpoint file, no or another ``gqsa_config.json``, a weights file that does not
+            match its record, or a ``quantization_config`` that disagrees with it.
+    """
+    from gqsa.format.checkpoint import GQSA_CONFIG_NAME, CheckpointError, check_weights_file, read_gqsa_config
+
+    if not checkpoint_files or len(checkpoint_files) != 1:
+        raise CheckpointError(
+            f"a gqsa checkpoint is one safetensors file beside {GQSA_CONFIG_NAME}; transformers found "
+            f"{len(checkpoint_files or [])} weight files, which gqsa cannot verify"
+        )
+    directory = Path(checkpoint_files[0]).parent
+    gqsa_config = read_gqsa_config(directory)
+    if gqsa_config["layers"] != layers:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization_config.layers disagrees with "
+                              f"{GQSA_CONFIG_NAME}")
+    weights = check_weights_file(directory, gqsa_config)
+    if weights.resolve() != Path(checkpoint_files[0]).resolve():
+        raise CheckpointError(f"{directory}: transformers loads {checkpoint_files[0]} but {GQSA_CONFIG_NAME} "
+                              f"records {weights.name}")
+    return weights, gqsa_config
 
 
 def register_with_transformers() -> None:

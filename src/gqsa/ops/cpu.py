@@ -37,6 +37,7 @@ from types import ModuleType
 import torch
 
 from gqsa.ops.backends import Kernel, register_kernel
+from gqsa.ops.safety import check_kernel_indices
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,12 @@ def dequantize_native(
     bits: int,
     isa_: int = ISA_AUTO,
 ) -> torch.Tensor:
-    """Dense (out_features, in_features) float32 weight, equal to ``dequantize_bsr`` (rows split over threads)."""
+    """Dense (out_features, in_features) float32 weight, equal to ``dequantize_bsr`` (rows split over threads).
+
+    Raises:
+        ValueError: indices that break the format's rules (``gqsa.ops.safety``).
+    """
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size)
     ext = _extension()
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()
@@ -146,11 +152,19 @@ def dequantize_rows_native(
     (an embedding lookup; ``PackedWeight.dequantize_rows`` is the torch version). Tensors contiguous, on the CPU.
 
     Args:
-        rows: (R,) row indices, valid for ``crow_indices``.
+        rows: (R,) row indices in [0, out_features).
 
     Returns:
         (R, in_features) float32.
+
+    Raises:
+        IndexError: a row outside [0, out_features).
+        ValueError: indices that break the format's rules (``gqsa.ops.safety``).
     """
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size, name="packed embedding")
+    n = crow_indices.numel() - 1
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise IndexError(f"rows must be in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
     ext = _extension()
     problem = problem_args(crow_indices, col_indices, values, scale, zero_point)
     out = torch.empty(rows.numel(), in_features, dtype=torch.float32)  # (R, K)
@@ -194,7 +208,11 @@ def native_linear(
 
     Returns:
         (..., out_features) in x's dtype.
+
+    Raises:
+        ValueError: indices that break the format's rules (``gqsa.ops.safety``; checked once per index tensors).
     """
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size)
     lead = x.shape[:-1]
     packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
     zero = None if zero_point is None else zero_point.contiguous()

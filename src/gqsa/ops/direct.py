@@ -23,13 +23,15 @@ import torch
 
 from gqsa.ops.backends import select_kernel
 from gqsa.ops.linear import ACTIVATION_DTYPES, _check_args, reference_linear
+from gqsa.ops.safety import check_kernel_indices
 
 
 class BoundLinear:
     """``x -> gqsa::linear(x, W, bias, backend)`` for one packed weight W, without the op's per-call work.
 
     ``sources`` are the tensors it was bound to (identity and data pointer are checked by ``is_bound_to``, so
-    a layer notices moved or replaced buffers). Call it with x: (..., in_features) on the weight's device, in
+    a layer notices moved or replaced buffers, and so are the version counters of the index tensors, so that
+    indices edited in place are checked again before a kernel reads them). Call it with x: (..., in_features) on the weight's device, in
     the bias's dtype when there is a bias; returns (..., out_features) in x's dtype.
     """
 
@@ -41,18 +43,30 @@ class BoundLinear:
         self.in_features = in_features
         self.native_mode = native_mode  # the native CPU kernel's split mode, None for any other backend
         self._ptrs = tuple(0 if t is None else t.data_ptr() for t in sources)
+        self._index_versions = _versions(sources[:2])
 
     def is_bound_to(self, sources: tuple, backend: str) -> bool:
-        """Whether this function still computes with exactly these tensors and this backend."""
+        """Whether this function still computes with exactly these tensors, unchanged indices and this backend."""
         if backend != self.backend:
             return False
         for mine, theirs, ptr in zip(self.sources, sources, self._ptrs):
             if mine is not theirs or (theirs is not None and theirs.data_ptr() != ptr):
                 return False
-        return True
+        return _versions(sources[:2]) == self._index_versions
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
+
+
+def _versions(tensors: tuple) -> tuple:
+    """Version counters (None for inference tensors, which have none)."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:
+            out.append(None)
+    return tuple(out)
 
 
 def bind_linear(
@@ -80,13 +94,15 @@ def bind_linear(
         A BoundLinear; calling it gives what the op gives for the same x.
 
     Raises:
-        ValueError: invalid tensors, or a backend that is unknown or cannot run on this device.
+        ValueError: invalid tensors (indices that break the format's rules included), or a backend that is unknown
+            or cannot run on this device.
     """
     dtype = bias.dtype if bias is not None else torch.float32
     probe = torch.empty(1, in_features, dtype=dtype, device=values.device)
     weight = (crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features, group_size,
               bits)
     _check_args(probe, *weight)
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size)
     fn = select_kernel(backend, values.device.type, reference_linear)
     sources = (crow_indices, col_indices, values, scale, zero_point, bias)
     mode = _native_mode(fn, values.device)
@@ -185,6 +201,7 @@ def linear_direct(
     """
     from gqsa.ops import cpu
 
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size)  # one lookup once checked
     packed = (crow_indices, col_indices, values, scale)
     m = x.numel() // in_features
     if (m > cpu.native_batch_limit(out_features, in_features) or m == 0

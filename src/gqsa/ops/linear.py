@@ -12,6 +12,7 @@ from gqsa.config import MAX_GROUP_SIZE, MIN_GROUP_SIZE
 from gqsa.format.bitpack import PACKABLE_BITS, packed_nbytes
 from gqsa.format.packed import PackedWeight, col_indices_dtype, dequantize_bsr
 from gqsa.ops.backends import select_kernel
+from gqsa.ops.safety import check_kernel_indices
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -114,9 +115,14 @@ def gqsa_linear(
 
     Returns:
         (..., out_features) in x's dtype.
+
+    Raises:
+        ValueError: tensors of the wrong shape, dtype or device, an unknown backend, or indices that break the
+            format's rules (checked the first time these index tensors reach a kernel: ``gqsa.ops.safety``).
     """
     args = (x, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features, group_size, bits)
     _check_args(*args)
+    check_kernel_indices(crow_indices, col_indices, in_features, group_size)  # once per index tensors (cached)
     fn = select_kernel(backend, x.device.type, reference_linear)
     return fn(*args)
 
