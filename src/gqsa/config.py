@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gqsa.utils import jsonio
+
 CONFIG_VERSION = 1
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -67,7 +69,7 @@ class _Config:
         return cls(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return jsonio.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str):

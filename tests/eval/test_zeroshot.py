@@ -366,4 +366,4 @@ def test_cli_zeroshot_text(capsys, dense_dir):
 def test_cli_zeroshot_bad_input_is_named(capsys, tmp_path, flags, message):
     # The model path does not exist: the arguments are checked before any model is loaded.
     code, _, err = _run(capsys, "eval", "zeroshot", tmp_path / "no-model", *flags)
-    assert code == 1 and message in err
+    assert code == 2 and message in err

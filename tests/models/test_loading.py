@@ -382,3 +382,122 @@ def test_gguf_conversion_needs_accelerate(tiny_gguf, monkeypatch):
     with pytest.raises(ImportError, match="pip install accelerate"):
         load_model(path)
     assert list((cache_dir() / "gguf").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Truncated and corrupted GGUF files, missing tokenizer files, non-finite weights: errors that name the problem
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gguf_layout(path: Path) -> dict:
+    """Byte offsets of a GGUF file's parts, read with the gguf package: where the metadata, tensor infos and data
+    start (to cut the file inside each)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    first_info = min(int(t.field.offset) for t in reader.tensors)
+    return {"metadata": 24, "tensor_infos": first_info, "data": int(reader.data_offset)}
+
+
+@pytest.mark.parametrize("where", ["magic+version", "metadata", "tensor_infos", "data", "60%", "last byte"])
+def test_truncated_gguf_is_named_with_its_sizes(tiny_gguf, tmp_path, where):
+    _, _, path = tiny_gguf
+    whole = path.read_bytes()
+    layout = _gguf_layout(path)
+    cut_at = {
+        "magic+version": 6,
+        "metadata": layout["metadata"] + 40,
+        "tensor_infos": layout["tensor_infos"] + 10,
+        "data": layout["data"] + 100,
+        "60%": int(len(whole) * 0.6),
+        "last byte": len(whole) - 1,
+    }[where]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:cut_at])
+    with pytest.raises(ValueError, match="truncated") as info:
+        load_model(cut)
+    message = str(info.value)
+    assert str(cut) in message and str(cut_at) in message
+    assert "reshape" not in message
+    if cut_at > layout["data"]:
+        assert f"its tensors need {len(whole)} bytes but the file has {cut_at}" in message
+    else:
+        assert "header" in message
+    assert not (cache_dir() / "gguf").exists() or list((cache_dir() / "gguf").iterdir()) == []
+
+
+def test_corrupted_gguf_header_is_named(tiny_gguf, tmp_path):
+    import struct
+
+    _, _, path = tiny_gguf
+    data = bytearray(path.read_bytes())
+    (key_len,) = struct.unpack_from("<Q", data, 24)
+    struct.pack_into("<I", data, 24 + 8 + key_len, 99)  # the first metadata value's type
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad.gguf \(\d+ bytes\) is corrupted: .*unknown value type 99"):
+        load_model(bad)
+
+
+def test_gguf_conversion_errors_name_the_file(tiny_gguf, tmp_path, monkeypatch):
+    """What transformers says about a file the header check lets through is wrapped in a message naming it."""
+    _, _, path = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    monkeypatch.setattr(loading, "check_gguf_file", lambda p: None)
+    with pytest.raises(ValueError, match=r"cannot read the GGUF file .*cut.gguf \(\d+ bytes\)"):
+        load_model(cut)
+    assert list((cache_dir() / "gguf").iterdir()) == []
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    path = tmp_path / "hf"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_missing_tokenizer_json_names_the_directory_and_the_file(hf_dir):
+    (hf_dir / "tokenizer.json").unlink()
+    assert (hf_dir / "tokenizer_config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json is there but none of tokenizer.json") as info:
+        load_model(hf_dir)
+    assert str(hf_dir) in str(info.value) and "install" not in str(info.value)
+
+
+def test_incomplete_bpe_tokenizer_names_the_missing_file(hf_dir):
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"vocab.json is there but merges.txt is missing") as info:
+        load_model(hf_dir)
+    assert str(hf_dir) in str(info.value)
+
+
+def test_unreadable_tokenizer_names_the_directory(hf_dir):
+    (hf_dir / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="the tokenizer cannot be loaded") as info:
+        load_model(hf_dir)
+    assert str(hf_dir) in str(info.value)
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "2 NaN, 0 Inf"), (float("inf"), "0 NaN, 2 Inf")])
+def test_non_finite_weight_in_a_directory_is_named(tmp_path, value, kind):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, :2] = value
+    model.save_pretrained(tmp_path / "bad")
+    tiny_tokenizer().save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.o_proj.weight") as info:
+        load_model(tmp_path / "bad")
+    assert f"2 non-finite values of 4096 ({kind})" in str(info.value) and str(tmp_path / "bad") in str(info.value)
+
+
+def test_non_finite_weight_in_a_gguf_is_named(tmp_path):
+    source = gguf_source_model(tie_word_embeddings=True)
+    with torch.no_grad():
+        source.model.norm.weight[7] = float("-inf")
+    path = write_tiny_llama_gguf(source, tiny_tokenizer(), tmp_path / "inf.gguf")
+    with pytest.raises(ValueError, match=r"inf.gguf: tensor model.norm.weight holds 1 non-finite value of 64 "
+                                         r"\(0 NaN, 1 Inf\)"):
+        load_model(path)

@@ -44,18 +44,60 @@ def capture_calibration_inputs(
     return store, block_kwargs
 
 
+def check_finite_input(x: torch.Tensor, block_index: int | None, layer: str) -> None:
+    """Refuse a calibration input that holds NaN or Inf: one reduction, no copy.
+
+    Args:
+        x: (..., K) the input a linear layer is about to read.
+        block_index: the decoder block's index (None: unknown), for the message.
+        layer: the layer's full name, for the message.
+
+    Raises:
+        ValueError: naming the block, the layer and the activations' dtype.
+    """
+    if bool(torch.isfinite(x).all()):
+        return
+    where = f"block {block_index}, layer {layer}" if block_index is not None else f"layer {layer}"
+    dtype = str(x.dtype).removeprefix("torch.")
+    raise ValueError(f"{where}: calibration activations contain NaN/Inf (the model overflows in {dtype} on the "
+                     "calibration text? try float32, or check the earlier blocks' weights)")
+
+
 @torch.no_grad()
-def collect_block_hessians(block: nn.Module, hidden: ActivationStore, kwargs: dict) -> dict[str, HessianAccumulator]:
-    """Run ``block`` on every window of ``hidden`` and return H per linear layer (shared within input groups)."""
+def collect_block_hessians(
+    block: nn.Module, hidden: ActivationStore, kwargs: dict, block_index: int | None = None, prefix: str = ""
+) -> dict[str, HessianAccumulator]:
+    """Run ``block`` on every window of ``hidden`` and return H per linear layer (shared within input groups).
+
+    Args:
+        block: one decoder block.
+        hidden: its input, one (1, L, D) tensor per calibration window.
+        kwargs: what the model passes the block besides the hidden states.
+        block_index: the block's index in the model, for error messages.
+        prefix: the block's module path (``model.layers.3``), for error messages.
+
+    Returns:
+        layer name (relative to the block) -> accumulated H (one object per input group).
+
+    Raises:
+        ValueError: a layer's input holds NaN or Inf, naming the block and the layer.
+    """
     linears = block_linears(block)
     stats: dict[str, HessianAccumulator] = {}
     hooks = []
+
+    def accumulate(acc: HessianAccumulator, layer: str, x: torch.Tensor) -> None:
+        check_finite_input(x, block_index, layer)
+        acc.add(x)
+
     for group in input_groups(block):
         first = linears[group[0]]
         acc = HessianAccumulator(first.in_features, device=first.weight.device)
         for name in group:
             stats[name] = acc
-        hooks.append(first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
+        layer = f"{prefix}.{group[0]}" if prefix else group[0]
+        hooks.append(first.register_forward_pre_hook(
+            lambda mod, args, acc=acc, layer=layer: accumulate(acc, layer, args[0])))
     try:
         for h in hidden:
             block(h, **kwargs)
@@ -125,7 +167,7 @@ def compress_blockwise(
     reports = []
     try:
         for b, block in enumerate(tqdm(decoder_layers(model), desc=desc, disable=not progress)):
-            stats = collect_block_hessians(block, hidden, block_kwargs[b])
+            stats = collect_block_hessians(block, hidden, block_kwargs[b], b, block_prefix(model, b))
             reports += compress_block_linears(block, block_prefix(model, b), stats, compress_linear)
             outputs = run_block(block, hidden, block_kwargs[b], new_store())
             if outputs.spilled:

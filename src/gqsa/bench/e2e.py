@@ -48,7 +48,6 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import multiprocessing
@@ -66,6 +65,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from gqsa.utils import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows)
     profile_table = format_profiles(profiles) if profiles else ""
     if args.json is not None:
-        payload = json.dumps(report, indent=1) + "\n"
+        payload = jsonio.dumps(report, indent=1) + "\n"
         if args.json == "-":
             print(payload, end="")
         else:

@@ -23,7 +23,6 @@ ending in ``-s<percent>`` (with one value on CPU the names carry no suffix).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from gqsa.format import PackedWeight, quantize_to_packed
 from gqsa.ops import available_backends, packed_linear
+from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_write_text
 
 # (out_features, in_features) of the three distinct linear shapes of each model.
@@ -187,7 +187,7 @@ def write_outputs(args: argparse.Namespace, title: str, header: str, settings: s
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.json, jsonio.dumps(report, indent=1) + "\n")
     if args.markdown:
         atomic_write_text(args.markdown, f"# {title}\n\n{header}\n\n{settings}\n\n{body}\n\n"
                           + "".join(f"* {n}\n" for n in notes))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from gqsa.data.corpora import load_text
 from gqsa.data.windows import eval_windows, tokenize_text
 from gqsa.eval.perplexity import perplexity
+from gqsa.models.checks import check_context_length
 
 HELDOUT_FRACTION = 0.2
 
@@ -29,7 +30,12 @@ def heldout_perplexity(
     Returns:
         {"ppl", "nll", "tokens" (predicted tokens scored), "seq_len", "windows", "dataset", "max_tokens",
         "heldout_fraction"}.
+
+    Raises:
+        ValueError: ``seq_len`` exceeds the model's context (checked before the text is read), or the text is
+            too short for one window.
     """
+    check_context_length(model, seq_len, "the evaluation window length (seq_len; --seq-len, --eval-seq-len)")
     text = load_text(source, "heldout", heldout_fraction=HELDOUT_FRACTION)
     windows = eval_windows(tokenize_text(tokenizer, text), seq_len, max_tokens)
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)

@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from gqsa.models.adapter import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, check_supported
-from gqsa.utils.io import atomic_directory
+from gqsa.models.checks import check_finite_weights
+from gqsa.models.gguf_header import check_gguf_file
+from gqsa.utils import jsonio
+from gqsa.utils.io import atomic_directory, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,6 +49,16 @@ GGUF_SOURCE_NAME = "gqsa_gguf_source.json"
 _GGUF_CACHE_FORMAT = 1
 _GGUF_MAGIC = b"GGUF"
 _HASH_CHUNK = 1 << 20
+# A Hugging Face directory's tokenizer vocabulary is in one of these (a tuple: in all of its files together).
+TOKENIZER_FILES: tuple[str | tuple[str, ...], ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tekken.json",
+    ("vocab.json", "merges.txt"),
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # "org/name" or "name" without any path syntax: what a model hub id looks like.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -139,10 +152,21 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     source = {"gguf_file": gguf_path.name, "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **source)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **source)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **source)
+    except Exception as exc:  # transformers and gguf raise many types for a file they cannot read
+        if _is_system_error(exc):
+            raise
+        raise ValueError(f"transformers cannot read the GGUF file {gguf_path} ({gguf_path.stat().st_size} bytes): "
+                         f"{type(exc).__name__}: {exc}") from exc
     _without_gguf_quantizer(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _is_system_error(exc: BaseException) -> bool:
+    """An error of the machine (out of memory, a failing disk), not of the files read."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
 
 
 def _without_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
@@ -196,7 +220,8 @@ def converted_gguf_dir(gguf_path: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: ``gguf_path`` does not exist.
-        ValueError: the file does not start with the GGUF magic bytes, or transformers cannot convert it.
+        ValueError: the file does not start with the GGUF magic bytes, is truncated or corrupted (its header
+            does not parse, or its tensors need more bytes than it has), or transformers cannot convert it.
         ImportError: see :func:`convert_gguf`.
     """
     gguf_path = Path(gguf_path).expanduser().resolve()
@@ -208,12 +233,15 @@ def converted_gguf_dir(gguf_path: str | Path) -> Path:
 
     sha256 = sha256_file(gguf_path)
     entry = gguf_cache_entry(sha256)
+    remove_stale_temporaries(entry.parent)  # half-written entries of killed conversions
     if _entry_is_complete(entry, sha256):
         logger.info("Using the converted GGUF cached at %s (source %s)", entry, gguf_path)
         return entry
     if entry.exists():
         logger.warning("Cache entry %s is incomplete or stale; converting %s again", entry, gguf_path)
 
+    if importlib.util.find_spec("gguf") is not None:  # without it convert_gguf says what to install
+        check_gguf_file(gguf_path)
     logger.info("Converting GGUF %s (sha256 %s) into %s; this happens once per file", gguf_path, sha256[:12], entry)
     start = time.perf_counter()
     with atomic_directory(entry, overwrite=True) as tmp:
@@ -227,7 +255,7 @@ def converted_gguf_dir(gguf_path: str | Path) -> Path:
             "transformers_version": _transformers_version(),
         }
         # Written last, so that even a non-atomic copy of the entry is only complete with it.
-        (tmp / GGUF_SOURCE_NAME).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        (tmp / GGUF_SOURCE_NAME).write_text(jsonio.dumps(source, indent=2) + "\n", encoding="utf-8")
     logger.info("Converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
     return entry
 
@@ -238,11 +266,60 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def check_tokenizer_files(path: Path) -> None:
+    """Check that a Hugging Face model directory holds the files of a tokenizer's vocabulary.
+
+    Without them transformers falls back to converting a slow tokenizer and fails with "install sentencepiece or
+    tiktoken", which points away from the real problem: a file that was not copied.
+
+    Args:
+        path: a Hugging Face model directory.
+
+    Raises:
+        FileNotFoundError: naming the directory and the missing file(s).
+    """
+    options = [(f,) if isinstance(f, str) else f for f in TOKENIZER_FILES]
+    present = {name for option in options for name in option if (path / name).is_file()}
+    if any(set(option) <= present for option in options):
+        return
+    partial = [option for option in options if set(option) & present]
+    if partial:  # e.g. vocab.json without merges.txt
+        missing = " and ".join(name for name in partial[0] if name not in present)
+        found = " and ".join(name for name in partial[0] if name in present)
+        raise FileNotFoundError(f"{path}: the tokenizer is incomplete: {found} is there but {missing} is missing; "
+                                "copy it from the original model")
+    wanted = ", ".join(" + ".join(option) for option in options)
+    found = "tokenizer_config.json is there but " if (path / "tokenizer_config.json").is_file() else ""
+    raise FileNotFoundError(f"{path}: the tokenizer files are missing: {found}none of {wanted} is; copy the "
+                            "tokenizer files from the original model (tokenizer.json for most models)")
+
+
+def _load_hf_directory(
+    path: Path, dtype: torch.dtype, source: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a Hugging Face directory: tokenizer files checked first, weights checked finite.
+
+    Args:
+        path: the directory.
+        dtype: floating dtype of the weights.
+        source: what the directory was made from (a GGUF file), named in errors about the weights.
+
+    Raises:
+        FileNotFoundError: the directory has no tokenizer vocabulary (see :func:`check_tokenizer_files`).
+        ValueError: a weight holds NaN or Inf, or transformers cannot build the tokenizer from the files there.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_tokenizer_files(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    check_finite_weights(model, source=str(source or path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for tokenizer files it cannot use
+        if _is_system_error(exc):
+            raise
+        raise ValueError(f"{path}: the tokenizer cannot be loaded from its files ({type(exc).__name__}: "
+                         f"{exc})") from exc
     return model, tokenizer
 
 
@@ -292,8 +369,11 @@ def load_model(
 
     Raises:
         FileNotFoundError: the path does not exist (including a hub id, which is not a local path), a directory
-            has neither ``config.json`` nor ``gqsa_config.json``, or the default model's package is missing.
-        ValueError: a file that is not a ``.gguf`` file, or ``dtype`` is not a floating dtype.
+            has neither ``config.json`` nor ``gqsa_config.json``, a Hugging Face directory has no tokenizer
+            files, or the default model's package is missing.
+        ValueError: a file that is not a ``.gguf`` file, ``dtype`` is not a floating dtype, a truncated or
+            corrupted GGUF file, a tokenizer transformers cannot load, or a weight (parameter or buffer) that
+            holds NaN or Inf (the tensor is named).
         UnsupportedArchitectureError: the model's architecture is not supported by gqsa.
         ImportError: converting a GGUF file needs ``gguf`` and ``accelerate``.
     """
@@ -327,7 +407,7 @@ def load_model(
         entry = converted_gguf_dir(path)
         _check_hf_config(entry)
         logger.info("Loading %s from its converted copy %s in %s", path.name, entry, dtype)
-        model, tokenizer = _load_hf_directory(entry, dtype)
+        model, tokenizer = _load_hf_directory(entry, dtype, source=path)
     else:
         raise ValueError(
             f"{path} is a file but not a .gguf file; expected a .gguf file, a Hugging Face model directory "
