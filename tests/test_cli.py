@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gqsa.cli import main
+from gqsa.models.outputs import resume_dir
 
 
 def _run(capsys, *argv):
@@ -105,7 +106,7 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
 )
 def test_compress_bad_input_is_named(capsys, dense_dir, text_file, tmp_path, flags, message):
     code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "x", *calib(text_file), *flags)
-    assert code == 1 and message in err
+    assert code == 2 and message in err
     assert not (tmp_path / "x").exists()
 
 
@@ -114,15 +115,15 @@ def test_compress_keeps_existing_output(capsys, dense_dir, tmp_path):
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("precious")
     code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir)
-    assert code == 1 and "--overwrite" in err
+    assert code == 2 and "--overwrite" in err
     assert (out_dir / "keep.txt").read_text() == "precious"
 
 
 def test_missing_model_and_non_checkpoint_are_errors(capsys, tmp_path, dense_dir):
     code, _, err = _run(capsys, "eval", "ppl", tmp_path / "nope", "--dataset", "wiki")
-    assert code == 1 and "nope" in err
+    assert code == 2 and "nope" in err
     code, _, err = _run(capsys, "info", dense_dir)
-    assert code == 1 and "not a gqsa checkpoint" in err
+    assert code == 2 and "not a gqsa checkpoint" in err
 
 
 def test_float_baseline_preset_saves_a_plain_checkpoint_the_evaluation_loads(capsys, dense_dir, text_file, tmp_path):
@@ -167,10 +168,11 @@ def test_bqpo_and_e2e_flags_reach_the_config_and_the_report(capsys, dense_dir, t
     assert cfg["e2e"] == {**cfg["e2e"], "epochs": 1, "lr": 1e-4, "train_zero_point": True}
     report = json.loads((out_dir / "report.json").read_text())
     assert len(report["bqpo_blocks"]) == 2 and "loss_after" in report["e2e"]
-    assert not (out_dir / ".gqsa-progress").exists()  # the finished checkpoint replaced the progress
+    assert not resume_dir(out_dir).exists()  # removed once the checkpoint is saved
 
 
-def test_compress_resumes_from_progress_left_in_the_output(capsys, dense_dir, text_file, tmp_path, monkeypatch):
+def test_an_interrupted_compress_resumes_to_the_uninterrupted_result(capsys, dense_dir, text_file, tmp_path,
+                                                                     monkeypatch):
     import gqsa.algorithms.bqpo as bqpo
 
     flags = ("--bqpo-epochs", 1, *calib(text_file))
@@ -185,15 +187,16 @@ def test_compress_resumes_from_progress_left_in_the_output(capsys, dense_dir, te
 
     out_dir = tmp_path / "resumed"
     monkeypatch.setattr(bqpo, "_compress_and_train", dies_on_block_1)
-    with pytest.raises(KeyboardInterrupt):
-        main([str(a) for a in ("compress", dense_dir, "--out", out_dir, *flags)])
-    progress = out_dir / ".gqsa-progress"
-    assert sorted(p.name for p in out_dir.iterdir()) == [".gqsa-progress"]  # a consistent directory
-    assert (progress / "block_0000.json").exists() and not (progress / "block_0001.json").exists()
+    code, out, err = _run(capsys, "compress", dense_dir, "--out", out_dir, *flags)
+    assert code == 130 and err.strip().endswith("interrupted; rerun the same command to resume") and not out
+    resume = resume_dir(out_dir)
+    assert not out_dir.exists()  # no output until the run has finished
+    assert sorted(p.name for p in tmp_path.iterdir()) == [resume.name, "full"]  # no lock or temporary left
+    assert (resume / "block_0000.json").exists() and not (resume / "block_0001.json").exists()
     monkeypatch.setattr(bqpo, "_compress_and_train", real)
     code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, *flags)  # the same command again
     assert code == 0, err
-    assert not progress.exists()
+    assert not resume.exists()
     a = json.loads((out_dir / "gqsa_config.json").read_text())["weights"]["tensors"]
     b = json.loads((tmp_path / "full" / "gqsa_config.json").read_text())["weights"]["tensors"]
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
@@ -281,7 +284,7 @@ def test_generate_in_16_bit(capsys, packed_dir):
 ])
 def test_generate_bad_arguments_are_named(capsys, packed_dir, flags, message):
     code, _, err = _run(capsys, "generate", packed_dir, "--prompt", "Hi", *flags)
-    assert code == 1 and message in err
+    assert code == 2 and message in err
 
 
 def test_bench_e2e_runs_through_the_cli(capsys, dense_dir):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+
+from gqsa.utils import jsonio
 
 logger = logging.getLogger("gqsa")
 
@@ -104,9 +110,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="activations and dense weights (auto: float32 on CPU, float16 on CUDA); packed weights "
                         "keep their format")
 
-    i = sub.add_parser("info", help="describe a compressed checkpoint")
+    i = sub.add_parser("info", help="check and describe a compressed checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--skip-checksums", action="store_true",
+                   help="do not hash the tensors (faster); the format's rules and the files' structure are still "
+                        "checked")
 
     b = sub.add_parser("bench", help="benchmarks (kernels and end to end)", add_help=False)
     b.add_argument("what", nargs="?", default="kernel", help="kernel or e2e")
@@ -208,46 +217,41 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-PROGRESS_DIR = ".gqsa-progress"
+def _input_paths(model: str | None) -> list[Path]:
+    """The files or directory the input model is read from (``--out`` must not replace them)."""
+    from gqsa.models.loading import default_model_path
+
+    return [default_model_path() if model is None else Path(model)]
 
 
-def _drop_stale_progress(progress_dir: Path, config) -> None:
-    """With --overwrite, progress of a run with other settings is deleted (same settings: it is resumed)."""
-    import shutil
-
-    marker = progress_dir / "progress.json"
-    recorded = json.loads(marker.read_text()).get("config") if marker.exists() else None
-    if recorded != config.to_dict():
-        shutil.rmtree(progress_dir, ignore_errors=True)
-
-
-def cmd_compress(args) -> int:
+def _compress_into(args, config, out: Path) -> tuple[dict, bool]:
+    """Load, compress, evaluate and save into ``out`` (under the output's lock); returns (report, packed)."""
     import gqsa
     from gqsa.compress import calibration_ids, compress_model
     from gqsa.models.compressed import model_summary, save_pruned
     from gqsa.models.loading import load_model
-    from gqsa.utils.io import atomic_write_text
+    from gqsa.models.outputs import resume_dir
 
-    config = _resolve_compress_config(args)
-    out = Path(args.out)
-    progress_dir = out / PROGRESS_DIR
-    only_progress = out.exists() and {p.name for p in out.iterdir()} <= {PROGRESS_DIR}
-    if out.exists() and any(out.iterdir()) and not only_progress and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if args.overwrite and progress_dir.exists():
-        _drop_stale_progress(progress_dir, config)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     dense = model_summary(model)["model_bytes"]
     report = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
+    calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
     if args.eval:
         report["ppl_before"] = _ppl(model, tokenizer, args, prefix="eval_")
-    calib_ids = calibration_ids(tokenizer, config) if config.method != "magnitude" else None
     budget = _activation_budget_bytes(args.activation_budget_mb)
     report["activation_budget_bytes"] = budget
-    report.update(compress_model(model, config, calib_ids=calib_ids, activation_budget_bytes=budget,
-                                 offload_dir=args.offload_dir,
-                                 progress_dir=str(progress_dir) if config.bqpo.epochs else None))
+    resume = resume_dir(out) if config.bqpo.epochs else None
+    try:
+        report.update(compress_model(model, config, calib_ids=calib_ids, activation_budget_bytes=budget,
+                                     offload_dir=args.offload_dir, resume_dir=None if resume is None else str(resume)))
+    except BaseException:
+        if resume is not None and not any(resume.glob("block_*.json")):
+            shutil.rmtree(resume, ignore_errors=True)  # nothing finished: nothing to resume
+        elif resume is not None:
+            logger.warning("finished blocks are kept in %s: the same command resumes from them (delete it to start "
+                           "over)", resume)
+        raise
     if args.eval:
         report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
     if args.sample_prompt:
@@ -255,15 +259,27 @@ def cmd_compress(args) -> int:
                             "completion": _generate(model, tokenizer, args.sample_prompt, 48)[0]}
     report["dense_model_bytes"] = dense
     packed = config.sparsity.pattern == "group"
-    replace = args.overwrite or only_progress or progress_dir.exists()  # progress is dropped with the old dir
-    if packed:
-        gqsa.save(model, tokenizer, out, compression=config.to_dict(), overwrite=replace)
-    else:
-        save_pruned(model, tokenizer, out, compression=config.to_dict(), overwrite=replace)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    atomic_write_text(out / "compress_config.json", config.to_json() + "\n")
+    extra = {"report.json": jsonio.dumps(report, indent=1) + "\n", "compress_config.json": config.to_json() + "\n"}
+    save = gqsa.save if packed else save_pruned
+    save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite, extra_files=extra)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)
+    return report, packed
+
+
+def cmd_compress(args) -> int:
+    from gqsa.models.outputs import check_output_dir
+    from gqsa.utils.io import remove_stale_temporaries
+    from gqsa.utils.lock import OutputLock
+
+    config = _resolve_compress_config(args)
+    out = check_output_dir(args.out, args.overwrite, inputs=_input_paths(args.model))  # before any work
+    with OutputLock(out):  # a second run on the same output fails here, naming this one
+        remove_stale_temporaries(out.parent)
+        check_output_dir(out, args.overwrite)  # again, now that no other run can be writing it
+        report, packed = _compress_into(args, config, out)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(jsonio.dumps(report, indent=1))
         return 0
     s = report["summary"]
     q, sp = config.quant, config.sparsity
@@ -273,7 +289,7 @@ def cmd_compress(args) -> int:
               f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
         print(f"  {s['num_layers']} linear layers: {s['bits_per_weight']:.3f} bits per weight (all metadata "
               f"counted), {s['sparsity']:.1%} groups pruned")
-        print(f"  model tensors: {_mb(dense)} dense fp32 -> {_mb(s['model_bytes'])} "
+        print(f"  model tensors: {_mb(report['dense_model_bytes'])} dense fp32 -> {_mb(s['model_bytes'])} "
               f"(linear layers {_mb(s['weights_in_packed_layers'] * 4)} -> {_mb(s['packed_bytes'])})")
     else:
         print(f"  method {config.method}: {sp.pattern} sparsity {sp.ratio:.0%}, kept weights in float "
@@ -307,7 +323,7 @@ def cmd_eval_zeroshot(args) -> int:
     for spec in specs:
         r = evaluate_task(model, tokenizer, spec, limit=args.limit, batch_size=args.batch_size)
         if args.json:
-            print(json.dumps({"model": name, **r.to_dict(), "limit": args.limit}), flush=True)
+            print(jsonio.dumps({"model": name, **r.to_dict(), "limit": args.limit}), flush=True)
             continue
         se = lambda v: "" if v is None else f" ± {v:.4f}"  # noqa: E731 (no stderr with one document)
         extra = f"acc_norm {r.acc_norm:.4f}{se(r.acc_norm_stderr)}" if r.acc_norm is not None else f"ppl {r.ppl:.3f}"
@@ -323,7 +339,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model)
     result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
     if args.json:
-        print(json.dumps(result))
+        print(jsonio.dumps(result))
     else:
         print(f"{result['model']}: perplexity {result['ppl']:.3f} on held-out {result['dataset']} "
               f"({result['tokens']} predicted tokens in {result['windows']} windows of {result['seq_len']})")
@@ -394,7 +410,7 @@ def _pruned_info(path: Path, as_json: bool) -> int:
     report = path / "report.json"
     if as_json:
         summary = json.loads(report.read_text())["summary"] if report.exists() else None
-        print(json.dumps({"path": str(path), **record, "summary": summary}, indent=1))
+        print(jsonio.dumps({"path": str(path), **record, "summary": summary}, indent=1))
         return 0
     comp = record.get("compression") or {}
     sp = comp.get("sparsity", {})
@@ -410,13 +426,18 @@ def _pruned_info(path: Path, as_json: bool) -> int:
 
 def cmd_info(args) -> int:
     from gqsa.format.checkpoint import checkpoint_info
-    from gqsa.models.compressed import PRUNED_CONFIG_NAME
+    from gqsa.models.compressed import PRUNED_CONFIG_NAME, check_checkpoint, check_pruned_checkpoint
 
-    if (Path(args.path) / PRUNED_CONFIG_NAME).is_file():
-        return _pruned_info(Path(args.path), args.json)
-    info = checkpoint_info(Path(args.path))
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / PRUNED_CONFIG_NAME).is_file():
+        check_pruned_checkpoint(path)
+        return _pruned_info(path, args.json)
+    check_checkpoint(path, verify_checksums=not args.skip_checksums)  # names what is wrong, as loading would
+    info = checkpoint_info(path)
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(jsonio.dumps(info, indent=1))
         return 0
     print(f"{info['path']}: gqsa checkpoint, format version {info['format_version']}")
     print(f"  {info['num_layers']} packed layers, {info['bits_per_weight']:.3f} bits per weight, "
@@ -450,7 +471,109 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+# Errors in what the user gave (options, paths, files): exit 2, like argparse's own usage errors.
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                    PermissionError)
+# OSErrors that say a path the user gave cannot be used as asked (a read-only file system for --out): bad input too.
+_BAD_PATH_ERRNOS = frozenset({errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
+# What to do about an OSError of the machine, by errno.
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write to a writable file system",
+    errno.EACCES: "choose a path you may write to, or change its permissions",
+    errno.EPERM: "choose a path you may write to, or change its permissions",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that ``finally`` blocks (temporaries, locks) still run."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``compress``, ``eval ppl``, ``info``, ...: the words of the command line that chose the handler."""
+    sub = getattr(args, "eval_command", None)
+    return f"{args.command} {sub}" if args.command == "eval" and sub else args.command
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of an error: an OSError as "<reason>: <path>[; what to do]", else its message.
+
+    Args:
+        exc: the exception.
+
+    Returns:
+        One line (newlines of multi-line messages are folded).
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        text = f"{exc.strerror}: {paths}" if paths else exc.strerror
+        hint = _OS_ERROR_HINTS.get(exc.errno)
+        return _one_line(f"{text}; {hint}" if hint else text)
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _run_handler(handler, args: argparse.Namespace) -> int:
+    """Run one subcommand; every error becomes one line on stderr and an exit code (see ``main``)."""
+    import torch
+
+    name = _command_name(args)
+    resume = "; rerun the same command to resume" if args.command == "compress" else ""
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(f"gqsa {name}: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"gqsa {name}: terminated{resume}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BAD_INPUT_ERRORS as exc:
+        if args.verbose:
+            logger.exception("gqsa %s failed", name)
+        print(f"gqsa {name}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        if args.verbose:
+            logger.exception("gqsa %s failed", name)
+        print(f"gqsa {name}: error: out of memory ({describe_error(exc)}); use a smaller model, fewer or shorter "
+              "windows, or a smaller --activation-budget-mb", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        if args.verbose:
+            logger.exception("gqsa %s failed", name)
+        print(f"gqsa {name}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.errno in _BAD_PATH_ERRNOS else EXIT_FAILURE
+    except Exception as exc:  # anything else is a bug of gqsa or of a library: one line, traceback on request
+        if args.verbose:
+            logger.exception("gqsa %s failed", name)
+        hint = "" if args.verbose else " (rerun with --verbose for the traceback)"
+        print(f"gqsa {name}: internal error: {type(exc).__name__}: {describe_error(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gqsa`` command line.
+
+    Exit codes: 0 success; 2 bad input (argparse's usage errors, ``BAD_INPUT_ERRORS``, a read-only file system
+    for an output); 1 another OSError (the message names the path), out of memory, or an internal error (one line; ``--verbose`` adds the traceback);
+    130 interrupted (Ctrl-C); 143 terminated (SIGTERM, turned into an exception while the command runs so that
+    cleanup runs). Every error is one line on stderr: ``gqsa <command>: error: <what is wrong, what to do>``.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -460,11 +583,15 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     handlers = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
                 "bench": cmd_bench}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"gqsa {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _run_handler(handlers[args.command], args)
+    except Terminated:  # arrived after the handler's own error handling
+        return EXIT_TERMINATED
+    finally:
+        if in_main_thread:  # None: a handler set outside Python, which cannot be put back; use the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

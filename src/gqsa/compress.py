@@ -22,14 +22,26 @@ from gqsa.algorithms.reports import float_layer_report, layer_report
 from gqsa.config import CompressConfig
 from gqsa.format.packed import PackedWeight
 from gqsa.models.adapter import compressible_linears
+from gqsa.models.checks import check_context_length, describe_nonfinite
 from gqsa.models.compressed import model_summary, set_submodule
 from gqsa.nn.packed_linear import GQSALinear
 
 logger = logging.getLogger(__name__)
 
+_CALIB_WINDOW = "the calibration window length (calib.seq_len, --seq-len)"
+
 
 def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
-    """Raise ValueError naming the first layer whose in_features the group size (or M of N:M) does not divide."""
+    """Check that every layer to be compressed fits the config and holds finite weights.
+
+    Args:
+        linears: name -> layer to be compressed.
+        config: the resolved CompressConfig.
+
+    Raises:
+        ValueError: naming the first layer whose in_features the group size (or M of N:M) does not divide, or
+            whose weight or bias holds NaN or Inf (a scale or a saliency computed from it would be meaningless).
+    """
     nm = config.sparsity.nm
     for name, m in linears.items():
         if config.quant is not None:
@@ -37,6 +49,10 @@ def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
         if nm is not None and m.in_features % nm[1]:
             raise ValueError(f"{name}: pattern {config.sparsity.pattern} needs in_features divisible by {nm[1]}, "
                              f"got {m.in_features}")
+        for kind, tensor in (("weight", m.weight), ("bias", m.bias)):
+            problem = None if tensor is None else describe_nonfinite(tensor)
+            if problem is not None:
+                raise ValueError(f"{name}: the {kind} holds {problem}; gqsa compresses finite weights only")
 
 
 def peak_rss_mb() -> float:
@@ -44,13 +60,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def calibration_ids(tokenizer, config: CompressConfig) -> torch.Tensor:
-    """(samples, seq_len) calibration windows from the calibration part of the configured text."""
+def calibration_ids(tokenizer, config: CompressConfig, model: nn.Module | None = None) -> torch.Tensor:
+    """(samples, seq_len) calibration windows from the calibration part of the configured text.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        config: the resolved CompressConfig (``config.calib`` says which text, how many windows, how long).
+        model: the model to be calibrated, or its config; when given, windows longer than its context are refused
+            before the text is read.
+
+    Returns:
+        (samples, seq_len) int64 token ids.
+
+    Raises:
+        ValueError: ``calib.seq_len`` exceeds the model's context, or the text is too short for the windows.
+    """
     from gqsa.data.corpora import load_text
     from gqsa.data.windows import calibration_windows, tokenize_text
     from gqsa.eval.heldout import HELDOUT_FRACTION
 
     c = config.calib
+    if model is not None:
+        check_context_length(model, c.seq_len, _CALIB_WINDOW)
     tokens = tokenize_text(tokenizer, load_text(c.dataset, "calibration", heldout_fraction=HELDOUT_FRACTION))
     return calibration_windows(tokens, c.samples, c.seq_len, c.seed)
 
@@ -165,7 +196,7 @@ def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: tor
 
 
 def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool,
-                         store: dict, progress_dir: str | None = None
+                         store: dict, resume_dir: str | None = None
                          ) -> tuple[list[dict], dict | None, list[dict] | None]:
     from gqsa.algorithms.allocation import allocate_counts
     from gqsa.algorithms.blockwise import compress_blockwise
@@ -177,14 +208,13 @@ def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: to
     compress_linear = _layer_compressor(config, counts)
     if config.bqpo.epochs:
         from gqsa.algorithms.bqpo import compress_blockwise_bqpo
-        from gqsa.algorithms.progress import BlockProgress, fingerprint
+        from gqsa.algorithms.resume import ResumeState, fingerprint
 
-        checkpoint = None
-        if progress_dir is not None:
-            checkpoint = BlockProgress(progress_dir, fingerprint(config.to_dict(), calib_ids, model.config.to_dict()),
-                                       config=config.to_dict())
+        resume = None
+        if resume_dir is not None:
+            resume = ResumeState(resume_dir, fingerprint(config.to_dict(), calib_ids, model), config=config.to_dict())
         layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo,
-                                                 _final_report(config), progress, checkpoint=checkpoint, **store)
+                                                 _final_report(config), progress, resume=resume, **store)
         return layers, counts, blocks
     return compress_blockwise(model, calib_ids, compress_linear, progress=progress, **store), counts, None
 
@@ -209,7 +239,7 @@ def compress_model(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
-    progress_dir: str | None = None,
+    resume_dir: str | None = None,
 ) -> dict:
     """Compress every decoder linear layer of ``model`` in place.
 
@@ -221,8 +251,9 @@ def compress_model(
         progress: show progress bars.
         activation_budget_bytes: memory for calibration activations; the rest goes to ``offload_dir`` (default:
             the system temporary directory). None = no limit.
-        progress_dir: with BQPO, every finished block is saved here, and blocks already saved there by an
-            interrupted run with the same settings are replayed (``gqsa.algorithms.progress``).
+        resume_dir: with BQPO, every finished block is saved here, and blocks already saved there by an
+            interrupted run of the same settings on the same model are checked and replayed
+            (``gqsa.algorithms.resume``); state of other settings is discarded.
 
     Returns:
         A report: the config, per-layer results, model summary, wall time and peak memory; with allocation
@@ -230,11 +261,15 @@ def compress_model(
         held-out loss before and after ("e2e").
 
     Raises:
-        ValueError: a layer the config does not fit, or a calibrated method without calibration windows.
+        ValueError: a layer the config does not fit or that holds NaN/Inf weights, a calibrated method without
+            calibration windows, windows longer than the model's context, or calibration activations that
+            become NaN/Inf (naming the block and layer).
     """
     start = time.perf_counter()
     linears = compressible_linears(model)
     check_layers(linears, config)
+    if calib_ids is not None and calib_ids.dim() == 2:
+        check_context_length(model, calib_ids.shape[1], _CALIB_WINDOW)
     counts = blocks = None
     if config.method == "magnitude":
         layers = _compress_data_free(model, linears, config, progress)
@@ -243,7 +278,7 @@ def compress_model(
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
                              "see gqsa.compress.calibration_ids")
         store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
-        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, progress_dir)
+        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, resume_dir)
     e2e = None
     if config.e2e.epochs:
         from gqsa.algorithms.e2e_oqp import e2e_oqp

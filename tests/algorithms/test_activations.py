@@ -13,11 +13,11 @@ def test_store_keeps_the_budget_in_memory_and_the_rest_on_disk(tmp_path):
         for t in tensors:
             store.append(t)
         assert len(store) == 5 and store.spilled == 3 and store.memory_bytes == 640
-        assert len(list(tmp_path.glob("gqsa-activations-*/*.pt"))) == 3
+        assert len(list(tmp_path.glob("gqsa-activations~*/*.pt"))) == 3
         for a, b in zip(store, tensors):
             assert torch.equal(a, b)
         assert torch.equal(store[4], tensors[4])
-    assert not list(tmp_path.glob("gqsa-activations-*"))  # spill directory removed
+    assert not list(tmp_path.glob("gqsa-activations~*"))  # spill directory removed
 
 
 def test_store_without_budget_never_touches_disk(tmp_path):
@@ -45,4 +45,4 @@ def test_offloaded_compression_equals_in_memory_compression(tmp_path):
     for name, packed in results[0].items():
         other = results[1][name]
         assert torch.equal(packed.values, other.values) and torch.equal(packed.scale, other.scale), name
-    assert not list((tmp_path / "spill").glob("gqsa-activations-*"))
+    assert not list((tmp_path / "spill").glob("gqsa-activations~*"))

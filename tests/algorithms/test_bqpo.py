@@ -1,5 +1,7 @@
 """BQPO: block-wise training lowers the block output error of one-shot GQSA and never touches the masks."""
 
+import json
+
 import pytest
 import torch
 from tiny import tiny_model
@@ -134,13 +136,13 @@ def test_a_run_killed_after_a_block_resumes_to_the_uninterrupted_result(runs, tm
 
     monkeypatch.setattr(bqpo, "_compress_and_train", dies_on_block_1)
     with pytest.raises(KeyboardInterrupt):
-        compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
+        compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0000.json", "block_0000.safetensors",
-                                                          "progress.json"]
+                                                          "resume.json"]
     monkeypatch.setattr(bqpo, "_compress_and_train", real)
     calls.clear()
     model = tiny_model("llama")
-    report = compress_model(model, cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
+    report = compress_model(model, cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
     reference_model, reference_report = out[6][0], out[6][1]
     for name, layer in packed_layers(model).items():
         ref = packed_layers(reference_model)[name].packed_weight()
@@ -150,13 +152,81 @@ def test_a_run_killed_after_a_block_resumes_to_the_uninterrupted_result(runs, tm
     assert report["layers"] == reference_report["layers"]
 
 
-def test_progress_of_other_settings_is_refused(runs, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch(runs):
+    """The model and report of one BQPO epoch without resume state (the reference for the resume tests)."""
+    return _run(_config(1), runs[1])
+
+
+def test_resume_state_of_other_settings_is_never_replayed(runs, tmp_path):
+    _, calib = runs
+    compress_model(tiny_model("llama"), _config(1), calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    first = (tmp_path / "block_0000.json").read_text()
+    model = tiny_model("llama")
+    report = compress_model(model, _config(2), calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    assert report["bqpo_blocks"] == _run(_config(2), calib)[1]["bqpo_blocks"]  # as without any resume state
+    assert (tmp_path / "block_0000.json").read_text() != first  # the other run's entries were discarded
+
+
+def test_resume_state_of_another_input_model_is_never_replayed(runs, tmp_path):
+    """Same architecture and config, other weights: the fingerprint covers the weights."""
     _, calib = runs
     cfg = _config(1)
-    compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, progress_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="other settings"):
-        compress_model(tiny_model("llama"), _config(2), calib_ids=calib, progress=False,
-                       progress_dir=str(tmp_path))
+    compress_model(tiny_model("llama", seed=1), cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    model = tiny_model("llama", seed=2)
+    with_state = compress_model(model, cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    fresh = compress_model(tiny_model("llama", seed=2), cfg, calib_ids=calib, progress=False)
+    assert with_state["layers"] == fresh["layers"]
+
+
+@pytest.mark.parametrize("damage", ["flip a weight byte", "truncate the weights", "edit the report",
+                                    "delete the weights", "garbage entry"])
+def test_a_damaged_resume_entry_is_recomputed_with_the_blocks_after_it(runs, one_epoch, tmp_path, caplog, damage):
+    _, calib = runs
+    cfg = _config(1)
+    compress_model(tiny_model("llama"), cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    weights, entry = tmp_path / "block_0000.safetensors", tmp_path / "block_0000.json"
+    if damage == "flip a weight byte":
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate the weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "edit the report":
+        info = json.loads(entry.read_text())
+        info["record"]["bqpo"]["loss_after"] = 0.0
+        entry.write_text(json.dumps(info))
+    elif damage == "delete the weights":
+        weights.unlink()
+    else:
+        entry.write_text("{not json")
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="gqsa.algorithms.bqpo"):
+        report = compress_model(model, cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    assert "computing block 0 and the blocks after it again" in caplog.text
+    assert "block_0000" in caplog.text
+    assert report["bqpo_blocks"] == one_epoch[1]["bqpo_blocks"] and report["layers"] == one_epoch[1]["layers"]
+    for name, layer in packed_layers(model).items():
+        ref = packed_layers(one_epoch[0])[name].packed_weight()
+        assert torch.equal(layer.packed_weight().values, ref.values), name
+
+
+def test_float_baselines_with_bqpo_save_and_replay_their_blocks(tmp_path):
+    """A method that prunes in float (no packed layer) has resume state too."""
+    from gqsa.config import preset
+    from gqsa.models.adapter import compressible_linears
+
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (8, 32), generator=gen)
+    cfg = preset("2of4-sparsegpt").replace(calib=CalibSpec(samples=8, seq_len=32), bqpo=_config(1).bqpo)
+    first = tiny_model("llama")
+    compress_model(first, cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))
+    assert (tmp_path / "block_0001.json").exists()
+    again = tiny_model("llama")
+    compress_model(again, cfg, calib_ids=calib, progress=False, resume_dir=str(tmp_path))  # replays both blocks
+    for name, layer in compressible_linears(again).items():
+        assert type(layer) is torch.nn.Linear
+        assert torch.equal(layer.weight, compressible_linears(first)[name].weight), name
 
 
 @pytest.mark.parametrize("preset_name", ["2of4-sparsegpt", "s50-wanda"])

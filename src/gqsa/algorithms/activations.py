@@ -3,7 +3,8 @@
 Block-by-block calibration keeps every window's hidden states between blocks (n windows x L tokens x D floats,
 twice: a block's inputs and its outputs). For large models or many windows that does not fit; past the budget,
 tensors are written to a temporary directory and memory-mapped back when read, so resident memory stays
-bounded by the budget plus one window.
+bounded by the budget plus one window. A spill directory is named after its process, so the next run removes
+those of killed runs (``gqsa.utils.io.remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from gqsa.utils.io import owned_prefix, remove_stale_temporaries
 
 
 class ActivationStore:
@@ -54,9 +57,10 @@ class ActivationStore:
             self._memory_bytes += size
             return
         if self._spill is None:
-            if self.directory is not None:
-                self.directory.mkdir(parents=True, exist_ok=True)
-            self._spill = Path(tempfile.mkdtemp(prefix="gqsa-activations-", dir=self.directory))
+            parent = Path(tempfile.gettempdir()) if self.directory is None else self.directory
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(parent)  # spill directories of killed runs
+            self._spill = Path(tempfile.mkdtemp(prefix=owned_prefix("gqsa-activations"), suffix=".tmp", dir=parent))
         path = self._spill / f"{len(self._items):06d}.pt"
         torch.save(tensor.cpu().contiguous(), path)
         self._items.append((path, tensor.device))

@@ -38,7 +38,7 @@ from gqsa.algorithms.blockwise import (
     run_block,
     store_factory,
 )
-from gqsa.algorithms.progress import BlockProgress
+from gqsa.algorithms.resume import ResumeEntryError, ResumeState
 from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
 from gqsa.models.compressed import set_submodule
@@ -112,7 +112,7 @@ def compress_blockwise_bqpo(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
-    checkpoint: BlockProgress | None = None,
+    resume: ResumeState | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """One-shot compression then BQPO, block by block (see the module docstring).
 
@@ -120,7 +120,8 @@ def compress_blockwise_bqpo(
         compress_linear: the one-shot step for one layer (as for ``compress_blockwise``).
         spec: BQPO settings (``spec.epochs`` > 0).
         final_report: the report of one layer after training (name, dense weight, module, H).
-        checkpoint: where finished blocks are saved; blocks already there are replayed instead of recomputed.
+        resume: where finished blocks are saved; blocks already there are checked and replayed instead of
+            recomputed (a damaged entry is recomputed, with every later block).
 
     Returns:
         (report per layer: errors after BQPO, and the one-shot errors as ``oneshot_*``; BQPO statistics per
@@ -134,19 +135,16 @@ def compress_blockwise_bqpo(
         for b, block in enumerate(tqdm(decoder_layers(model), desc="compressing + BQPO", disable=not progress)):
             kw = block_kwargs[b]
             targets = run_block(block, fp_in, kw, new_store())
-            if checkpoint is not None and checkpoint.done(b):
-                layers, record = checkpoint.load(b, device=next(block.parameters()).device)
-                for name, module in layers.items():
-                    set_submodule(block, name, module)
-                reports += record["layers"]
-                block_stats.append(record["bqpo"])
-                logger.info("block %d: finished in an earlier run, replayed from %s", b, checkpoint.directory)
+            replayed = _replay(resume, b, block)
+            if replayed is not None:
+                reports += replayed["layers"]
+                block_stats.append(replayed["bqpo"])
             else:
                 first = len(reports)
                 block_stats.append(_compress_and_train(block, block_prefix(model, b), b, kw, q_in, targets,
                                                        compress_linear, spec, reports, final_report))
-                if checkpoint is not None:
-                    checkpoint.save(b, block_projections(block), {"layers": reports[first:], "bqpo": block_stats[-1]})
+                if resume is not None:
+                    resume.save(b, block_projections(block), {"layers": reports[first:], "bqpo": block_stats[-1]})
             q_out = run_block(block, q_in, kw, new_store())
             if fp_in is not q_in:
                 fp_in.close()
@@ -158,12 +156,33 @@ def compress_blockwise_bqpo(
     return reports, block_stats
 
 
+def _replay(resume: ResumeState | None, b: int, block: nn.Module) -> dict | None:
+    """Swap block ``b``'s finished layers in from ``resume`` and return its record; None when there is no
+    trustworthy entry (a damaged one is discarded, with every later block's, and logged)."""
+    if resume is None or not resume.done(b):
+        return None
+    try:
+        layers, record = resume.load(b, device=next(block.parameters()).device)
+        missing = set(block_projections(block)) - set(layers)
+        if missing or not {"layers", "bqpo"} <= set(record):
+            raise ResumeEntryError(f"{resume.directory}: the entry of block {b} lacks "
+                                   f"{sorted(missing) or 'its report'}")
+    except ResumeEntryError as exc:
+        logger.warning("resume state: %s; computing block %d and the blocks after it again", exc, b)
+        resume.discard_from(b)
+        return None
+    for name, module in layers.items():
+        set_submodule(block, name, module)
+    logger.info("block %d: finished in an earlier run, replayed from %s", b, resume.directory)
+    return record
+
+
 def _compress_and_train(
     block: nn.Module, prefix: str, b: int, kw: dict, q_in: ActivationStore, targets: ActivationStore,
     compress_linear: CompressLinearFn, spec: BQPOSpec, reports: list[dict], final_report: FinalReportFn,
 ) -> dict:
     """One-shot then BQPO for one block; appends the final per-layer reports; returns the block's statistics."""
-    stats = collect_block_hessians(block, q_in, kw)
+    stats = collect_block_hessians(block, q_in, kw, b, prefix)
     dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
     oneshot = compress_block_linears(block, prefix, stats, compress_linear)
     _swap(block, to_trainable=True)
