@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_head_ppl.py --checkpoint /work/runs/engine-w4s50 \
         --json benchmarks/results/lm_head_ppl_smollm2.json --markdown benchmarks/results/lm_head_ppl_smollm2.md
 
-The head is packed with ``gqsa.models.compressed.pack_lm_head`` (group 16, every group kept, min-max round to
+The head is packed with ``gqsa.models.packing.pack_lm_head`` (group 16, every group kept, min-max round to
 nearest per group; a tied head is untied, the input embeddings stay dense); with ``--embedding`` every width is
 also measured with the input embedding packed the same way (``pack_embedding``). Perplexity is
 ``gqsa.eval.heldout.heldout_perplexity`` on the held-out wiki split (documented protocol, docs/EVALUATION.md).
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import gqsa
     from gqsa.eval.heldout import heldout_perplexity
-    from gqsa.models.compressed import model_summary, pack_embedding, pack_lm_head
+    from gqsa.models.checkpoints import model_summary
+    from gqsa.models.packing import pack_embedding, pack_lm_head
     from gqsa.models.loading import load_model
 
     sources = [("dense", lambda: load_model(args.dense))]

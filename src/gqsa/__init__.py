@@ -14,15 +14,15 @@ from gqsa.nn import GQSALinear
 
 
 def load(path, device="cpu", verify_checksums=True):
-    """Load a gqsa checkpoint directory; returns (transformers model, tokenizer). See gqsa.models.compressed."""
-    from gqsa.models.compressed import load_compressed
+    """Load a gqsa checkpoint directory; returns (transformers model, tokenizer). See gqsa.models.checkpoints."""
+    from gqsa.models.checkpoints import load_compressed
 
     return load_compressed(path, device=device, verify_checksums=verify_checksums)
 
 
 def save(model, tokenizer, out_dir, compression=None, overwrite=False, extra_files=None):
-    """Save a compressed model as a gqsa checkpoint directory (atomic). See gqsa.models.compressed."""
-    from gqsa.models.compressed import save_compressed
+    """Save a compressed model as a gqsa checkpoint directory (atomic). See gqsa.models.checkpoints."""
+    from gqsa.models.checkpoints import save_compressed
 
     return save_compressed(model, tokenizer, out_dir, compression=compression, overwrite=overwrite,
                            extra_files=extra_files)

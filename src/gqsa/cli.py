@@ -228,7 +228,7 @@ def _compress_into(args, config, out: Path) -> tuple[dict, bool]:
     """Load, compress, evaluate and save into ``out`` (under the output's lock); returns (report, packed)."""
     import gqsa
     from gqsa.compress import calibration_ids, compress_model
-    from gqsa.models.compressed import model_summary, save_pruned
+    from gqsa.models.checkpoints import model_summary, save_pruned
     from gqsa.models.loading import load_model
     from gqsa.models.outputs import resume_dir
 
@@ -382,11 +382,11 @@ def cmd_generate(args) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; generation needs one")
     if args.lm_head_bits:
-        from gqsa.models.compressed import pack_lm_head
+        from gqsa.models.packing import pack_lm_head
 
         pack_lm_head(model, bits=args.lm_head_bits)
     if args.embedding_bits:
-        from gqsa.models.compressed import pack_embedding
+        from gqsa.models.packing import pack_embedding
 
         pack_embedding(model, bits=args.embedding_bits)
     model.to(device=device, dtype=dtype)
@@ -404,7 +404,7 @@ def cmd_generate(args) -> int:
 
 def _pruned_info(path: Path, as_json: bool) -> int:
     """``gqsa info`` of a float baseline checkpoint (plain transformers files + gqsa_pruned.json)."""
-    from gqsa.models.compressed import PRUNED_CONFIG_NAME
+    from gqsa.models.checkpoints import PRUNED_CONFIG_NAME
 
     record = json.loads((path / PRUNED_CONFIG_NAME).read_text())
     report = path / "report.json"
@@ -426,7 +426,7 @@ def _pruned_info(path: Path, as_json: bool) -> int:
 
 def cmd_info(args) -> int:
     from gqsa.format.checkpoint import checkpoint_info
-    from gqsa.models.compressed import PRUNED_CONFIG_NAME, check_checkpoint, check_pruned_checkpoint
+    from gqsa.models.checkpoints import PRUNED_CONFIG_NAME, check_checkpoint, check_pruned_checkpoint
 
     path = Path(args.path)
     if not path.exists():

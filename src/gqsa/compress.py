@@ -23,7 +23,8 @@ from gqsa.config import CompressConfig
 from gqsa.format.packed import PackedWeight
 from gqsa.models.adapter import compressible_linears
 from gqsa.models.checks import check_context_length, describe_nonfinite
-from gqsa.models.compressed import model_summary, set_submodule
+from gqsa.models.checkpoints import model_summary
+from gqsa.models.surgery import set_submodule
 from gqsa.nn.packed_linear import GQSALinear
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ def test_store_without_budget_never_touches_disk(tmp_path):
 def test_offloaded_compression_equals_in_memory_compression(tmp_path):
     from gqsa.compress import compress_model
     from gqsa.config import CalibSpec, CompressConfig, QuantSpec, SparsitySpec
-    from gqsa.models.compressed import packed_layers
+    from gqsa.models.surgery import packed_layers
 
     calib = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
     cfg = CompressConfig(quant=QuantSpec(bits=4, group_size=16), sparsity=SparsitySpec(ratio=0.5),

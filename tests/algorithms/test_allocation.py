@@ -55,7 +55,7 @@ def test_curve_fraction_below_matches_the_data():
 def test_model_allocation_compresses_a_tiny_model_to_the_exact_global_ratio():
     from gqsa.compress import compress_model
     from gqsa.config import CalibSpec, CompressConfig, QuantSpec, SparsitySpec
-    from gqsa.models.compressed import packed_layers
+    from gqsa.models.surgery import packed_layers
 
     model = tiny_model("llama")
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))

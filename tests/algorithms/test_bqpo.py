@@ -8,7 +8,7 @@ from tiny import tiny_model
 
 from gqsa.compress import compress_model
 from gqsa.config import BQPOSpec, CalibSpec, CompressConfig, QuantSpec, SparsitySpec
-from gqsa.models.compressed import packed_layers
+from gqsa.models.surgery import packed_layers
 
 
 def _config(epochs, **bqpo):

@@ -144,7 +144,7 @@ def test_zero_sparsity_is_gptq_and_beats_rtn():
 def test_blockwise_compression_of_a_tiny_model_beats_magnitude():
     from gqsa.compress import compress_model
     from gqsa.config import CalibSpec, CompressConfig, QuantSpec, SparsitySpec
-    from gqsa.models.compressed import packed_layers
+    from gqsa.models.surgery import packed_layers
 
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, 320, (8, 48), generator=gen)

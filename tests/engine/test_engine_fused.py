@@ -236,7 +236,7 @@ def test_one_decoder_per_model_rebuilt_when_the_model_changes():
 
 
 def test_compiled_fused_step_gives_the_same_tokens():
-    from gqsa.models.compressed import pack_embedding
+    from gqsa.models.packing import pack_embedding
 
     model = _compress(tiny_model("llama", num_hidden_layers=1))
     pack_embedding(model, bits=8)  # its lookup stays outside the compiled graph

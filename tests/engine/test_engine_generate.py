@@ -11,7 +11,7 @@ import gqsa
 from gqsa.compress import compress_model
 from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
 from gqsa.engine import GenerationSpec, encode_prompt, eos_token_ids, generate, use_fastest_backend
-from gqsa.models.compressed import pack_lm_head
+from gqsa.models.packing import pack_lm_head
 from gqsa.ops import available_backends, reference_linear
 from gqsa.ops.backends import select_kernel
 

@@ -161,15 +161,15 @@ def test_a_cast_tensor_that_differs_from_the_file_is_caught(saved, tmp_path, mon
     """Tensors transformers casts (dtype=...) are compared with the file's bytes, not skipped."""
     from transformers import AutoModelForCausalLM
 
-    from gqsa.models import compressed
+    from gqsa.models import checkpoints
 
-    original = compressed.verify_tensors
+    original = checkpoints.verify_tensors
 
     def tampered(path, cfg, tensors, verify):
         tensors["model.norm.weight"].add_(1.0)  # as if the loader had read other bytes than the file holds
         return original(path, cfg, tensors, verify)
 
-    monkeypatch.setattr(compressed, "verify_tensors", tampered)
+    monkeypatch.setattr(checkpoints, "verify_tensors", tampered)
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
 

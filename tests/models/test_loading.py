@@ -212,9 +212,9 @@ def test_compressed_checkpoint_dispatch(tmp_path, monkeypatch):
         calls.append(Path(path))
         return model, tokenizer
 
-    fake = types.ModuleType("gqsa.models.compressed")
+    fake = types.ModuleType("gqsa.models.checkpoints")
     fake.load_compressed = load_compressed
-    monkeypatch.setitem(sys.modules, "gqsa.models.compressed", fake)
+    monkeypatch.setitem(sys.modules, "gqsa.models.checkpoints", fake)
     got_model, got_tokenizer = load_model(checkpoint)
     assert calls == [checkpoint]
     assert got_model is model and got_tokenizer is tokenizer and not got_model.training

@@ -9,7 +9,7 @@ from tiny import tiny_model
 from gqsa.engine import GenerationSpec, generate
 from gqsa.engine.fused import FusedDecoder
 from gqsa.format import quantize_to_packed
-from gqsa.models.compressed import pack_embedding, pack_lm_head
+from gqsa.models.packing import pack_embedding, pack_lm_head
 from gqsa.nn import PackedEmbedding
 
 

@@ -111,7 +111,7 @@ def compress_block_linears(
     block: nn.Module, prefix: str, stats: dict[str, HessianAccumulator], compress_linear: CompressLinearFn
 ) -> list[dict]:
     """Replace every linear layer of ``block`` by ``compress_linear``'s module; one report per layer."""
-    from gqsa.models.compressed import set_submodule
+    from gqsa.models.surgery import set_submodule
 
     reports = []
     for name, linear in block_linears(block).items():

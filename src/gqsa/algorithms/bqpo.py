@@ -41,7 +41,7 @@ from gqsa.algorithms.blockwise import (
 from gqsa.algorithms.resume import ResumeEntryError, ResumeState
 from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
-from gqsa.models.compressed import set_submodule
+from gqsa.models.surgery import set_submodule
 from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
 from gqsa.nn.fake_quant import FakeQuantLinear
 from gqsa.nn.masked_linear import MaskedLinear

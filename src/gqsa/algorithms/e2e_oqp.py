@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def _swap_all(model: nn.Module, to_fake: bool, train_zero_point: bool = False) -> list[FakeQuantLinear]:
-    from gqsa.models.compressed import set_submodule
+    from gqsa.models.surgery import set_submodule
 
     fakes = []
     for name, module in list(model.named_modules()):

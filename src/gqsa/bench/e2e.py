@@ -14,9 +14,9 @@ Candidates:
   fused decode step (``gqsa.engine.fused``: its own static KV cache, q/k/v and gate/up in one packed call each,
   direct kernel calls) where the model is supported, else the model's own forward with a static cache; the
   ``step`` column says which ran. ``gqsa-lm4`` / ``gqsa-lm8`` (``--lm-head-bits``): the same checkpoint with its
-  LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.compressed.pack_lm_head``, saved here before the
+  LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.packing.pack_lm_head``, saved here before the
   workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: the same with the input embedding table stored packed
-  too, at the same width (``gqsa.models.compressed.pack_embedding``: less memory, loading builds no dense table).
+  too, at the same width (``gqsa.models.packing.pack_embedding``: less memory, loading builds no dense table).
 * ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hfstep`` and
   ``fp32-engine-hfstep`` (gqsa's loop, but every step through the model's own forward and transformers'
   ``StaticCache``: what the fused step gains), ``gqsa-hf`` (the compressed model through transformers'
@@ -480,7 +480,7 @@ def with_packed_lm_head(checkpoint: str, bits: int, scratch: Path, embedding: bo
     """A copy of ``checkpoint`` whose LM head is stored packed (W``bits`` g16, sparsity 0): the ``gqsa-lm`` rows;
     with ``embedding`` its input embedding table too (the ``gqsa-lmB-embB`` rows)."""
     import gqsa
-    from gqsa.models.compressed import pack_embedding, pack_lm_head
+    from gqsa.models.packing import pack_embedding, pack_lm_head
 
     model, tokenizer = gqsa.load(checkpoint)
     pack_lm_head(model, bits=bits)

@@ -18,6 +18,7 @@ from gqsa.format.packed import FORMAT_VERSION, TENSOR_NAMES, FormatError, Packed
 
 GQSA_CONFIG_NAME = "gqsa_config.json"
 WEIGHTS_NAME = "model.safetensors"
+QUANT_METHOD = "gqsa"  # config.json's quantization_config.quant_method
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -38,6 +39,11 @@ _DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in _SAFETENSORS_DTY
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read as written; the message names the file and, where known, the tensor."""
+
+
+def quantization_config_dict(layers: dict[str, dict]) -> dict:
+    """The ``quantization_config`` entry written into a checkpoint's config.json (docs/FORMAT.md, section 5)."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers}
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gqsa.format.checkpoint import QUANT_METHOD
+
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "gqsa"
 _registered = False
 
 
@@ -68,14 +69,14 @@ def _quantizer_class():
                 )
 
         def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
-            from gqsa.models.compressed import swap_in_packed_shells
+            from gqsa.models.surgery import swap_in_packed_shells
 
             self._checkpoint = _checked_checkpoint(self.quantization_config.layers, checkpoint_files)
             swap_in_packed_shells(model, self.quantization_config.layers, dtype=dtype, device="meta")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from gqsa.models.compressed import verify_loaded_model
+            from gqsa.models.checkpoints import verify_loaded_model
 
             weights, gqsa_config = self._checkpoint
             verify_loaded_model(model, weights, gqsa_config, verify_checksums=verify_checksums_enabled())
@@ -139,10 +140,3 @@ def register_with_transformers() -> None:
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
         auto.register_quantizer(QUANT_METHOD)(_quantizer_class())
     _registered = True
-
-
-def quantization_config_dict(layers: dict[str, dict]) -> dict[str, Any]:
-    """The ``quantization_config`` entry written into a checkpoint's config.json."""
-    from gqsa.format.packed import FORMAT_VERSION
-
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers}

@@ -390,7 +390,7 @@ def load_model(
 
     if path.is_dir():
         if (path / COMPRESSED_CONFIG_NAME).is_file():
-            from gqsa.models.compressed import load_compressed
+            from gqsa.models.checkpoints import load_compressed
 
             logger.info("Loading the gqsa compressed checkpoint %s", path)
             model, tokenizer = load_compressed(path)

@@ -12,7 +12,8 @@ import gqsa
 from gqsa.compress import compress_model
 from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
 from gqsa.format.checkpoint import GQSA_CONFIG_NAME, WEIGHTS_NAME, CheckpointError
-from gqsa.models.compressed import pack_lm_head, packed_layers
+from gqsa.models.packing import pack_lm_head
+from gqsa.models.surgery import packed_layers
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 1, 64, 12, 5]])
 
@@ -277,7 +278,7 @@ def test_loading_peak_memory_is_a_fraction_of_the_dense_weights(tmp_path):
         """
         import json, sys
         from pathlib import Path
-        import torch, gqsa, gqsa.models.compressed
+        import torch, gqsa, gqsa.models.checkpoints
         from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
         def peak():

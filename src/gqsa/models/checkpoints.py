@@ -1,9 +1,12 @@
-"""Compressed transformers models: swap packed layers in, save, and load without dense weights.
+"""gqsa checkpoints of transformers models: save atomically, load without dense weights, check what others load.
 
 ``save_compressed`` writes (atomically) ``model.safetensors``, ``gqsa_config.json``, the transformers config
 (with a ``quantization_config`` naming gqsa) and the tokenizer. ``load_compressed`` builds the model skeleton on
 the meta device, swaps in empty ``GQSALinear`` shells, checks the weights file against ``gqsa_config.json`` and
-the skeleton, and loads it with ``assign=True``: no dense weight is ever materialised.
+the skeleton, and loads it with ``assign=True``: no dense weight is ever materialised. ``check_checkpoint`` makes
+the same checks without building the weights (``gqsa info``), and ``verify_loaded_model`` makes them on a model
+that transformers' ``from_pretrained`` filled. Float baselines are saved as plain transformers checkpoints
+(``save_pruned``). The file layout is docs/FORMAT.md, section 5.
 """
 
 from __future__ import annotations
@@ -20,178 +23,18 @@ from gqsa.format.checkpoint import (
     GQSA_CONFIG_NAME,
     CheckpointError,
     read_gqsa_config,
+    quantization_config_dict,
     read_weights,
     verify_tensors,
     write_weights,
 )
 from gqsa.format.packed import FORMAT_VERSION, summarize_layers
 from gqsa.models.outputs import PRUNED_CONFIG_NAME
-from gqsa.nn.packed_embedding import PackedEmbedding
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.models.surgery import layer_metadata, packed_layers, swap_in_packed_shells
 from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-LAYER_KEYS = ("out_features", "in_features", "group_size", "bits", "symmetric", "nnz", "bias")
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def packed_layers(model: nn.Module) -> dict[str, GQSALinear]:
-    """Every GQSALinear of the model by full module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, GQSALinear)}
-
-
-def layer_metadata(model: nn.Module) -> dict[str, dict]:
-    """Per packed layer, what a loader needs to build it empty (``GQSALinear.metadata``), and the same for a
-    packed input embedding (``PackedEmbedding.metadata``, marked ``"kind": "embedding"``)."""
-    out = {name: m.metadata() for name, m in packed_layers(model).items()}
-    out.update({name: m.metadata() for name, m in model.named_modules() if isinstance(m, PackedEmbedding)})
-    return out
-
-
-def swap_in_packed_shells(
-    model: nn.Module, layers: dict[str, dict], dtype: torch.dtype | None = None, device: str = "meta"
-) -> None:
-    """Replace the named ``nn.Linear`` modules by empty GQSALinear layers shaped by ``layers``' metadata (and an
-    ``nn.Embedding`` by an empty PackedEmbedding for an entry of ``"kind": "embedding"``).
-
-    Raises:
-        CheckpointError: a layer is missing from the model, is not a linear layer, or has other dimensions.
-    """
-    for name, meta in layers.items():
-        missing = [k for k in LAYER_KEYS if k not in meta]
-        if missing:
-            raise CheckpointError(f"layer {name!r}: metadata lacks {missing}")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"layer {name!r} does not exist in the {type(model).__name__} skeleton") from exc
-        if meta.get("kind", "linear") == "embedding":
-            if not isinstance(old, (nn.Embedding, PackedEmbedding)):
-                raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not an embedding")
-            if (old.num_embeddings, old.embedding_dim) != (meta["out_features"], meta["in_features"]):
-                raise CheckpointError(
-                    f"embedding {name!r}: checkpoint has {meta['out_features']}x{meta['in_features']} but the "
-                    f"model config gives {old.num_embeddings}x{old.embedding_dim}")
-            table_dtype = old.weight.dtype if isinstance(old, nn.Embedding) else old.dtype
-            set_submodule(model, name, PackedEmbedding.empty(meta, dtype=dtype or table_dtype, device=device))
-            continue
-        if meta.get("kind", "linear") != "linear":
-            raise CheckpointError(f"layer {name!r}: unknown kind {meta['kind']!r} (this gqsa reads 'linear' and "
-                                  "'embedding')")
-        if not isinstance(old, (nn.Linear, GQSALinear)):
-            raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a linear layer")
-        if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
-            raise CheckpointError(
-                f"layer {name!r}: checkpoint has {meta['out_features']}x{meta['in_features']} but the model "
-                f"config gives {old.out_features}x{old.in_features}"
-            )
-        bias_dtype = dtype or (old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32)
-        shell = GQSALinear(
-            meta["in_features"],
-            meta["out_features"],
-            bits=meta["bits"],
-            group_size=meta["group_size"],
-            nnz=meta["nnz"],
-            symmetric=meta["symmetric"],
-            bias=meta["bias"],
-            dtype=bias_dtype,
-            device=device,
-        )
-        set_submodule(model, name, shell)
-
-
-def _untie_word_embeddings(model: nn.Module) -> None:
-    """``tie_word_embeddings = False`` in the model's config and its text config (multimodal models have both)."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-
-
-def pack_lm_head(
-    model: nn.Module, bits: int = 4, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
-) -> GQSALinear:
-    """Store the LM head in the packed format at sparsity 0: every group kept, rounded to nearest per group.
-
-    A small model's LM head is one of its largest matrices (SmolLM2-135M: 49152 x 576, as many weights as 50 of
-    its decoder linear layers) and is read in full for every generated token. A head tied to the input
-    embeddings is untied (``config.tie_word_embeddings`` becomes False): the embeddings stay dense for the
-    lookup, and the packed head is saved and loaded like any packed layer.
-
-    Args:
-        model: a transformers causal LM whose output embedding is an ``nn.Linear``.
-        bits, group_size, symmetric, qparam_method: the quantization (``gqsa.QuantSpec``'s meaning).
-
-    Returns:
-        The new GQSALinear, already swapped into the model.
-
-    Raises:
-        ValueError: the head is already packed or not a linear layer, or the quantization is invalid for it.
-    """
-    from gqsa.config import QuantSpec
-    from gqsa.format.packed import quantize_to_packed
-
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, qparam_method=qparam_method)
-    head = model.get_output_embeddings()
-    name = next((n for n, m in model.named_modules() if m is head), None)
-    if isinstance(head, GQSALinear):
-        raise ValueError(f"the LM head {name!r} is already packed")
-    if not isinstance(head, nn.Linear) or name is None:
-        raise ValueError(f"the LM head must be an nn.Linear, got {type(head).__name__}")
-    spec.check_in_features(head.in_features, layer=name)
-    weight = head.weight.detach()  # (vocab, hidden)
-    keep = torch.ones(head.out_features, head.in_features // group_size, dtype=torch.bool)  # (vocab, G)
-    packed = quantize_to_packed(weight, keep, bits, group_size, symmetric, qparam_method).to(weight.device)
-    bias = None if head.bias is None else head.bias.detach()
-    layer = GQSALinear.from_packed(packed, bias)
-    set_submodule(model, name, layer)
-    _untie_word_embeddings(model)
-    logger.info("LM head %s packed: W%d g%d, %.2f bits per weight", name, spec.bits, spec.group_size,
-                packed.bits_per_weight())
-    return layer
-
-
-def pack_embedding(
-    model: nn.Module, bits: int = 8, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
-) -> PackedEmbedding:
-    """Store the input embedding table in the packed format at sparsity 0 (lookups dequantize their rows).
-
-    Shrinks the model: the dense table is released unless something else still holds it. A head tied to the
-    embeddings holds it, so pack the LM head first (``pack_lm_head`` unties it); a dense head that shared the table
-    keeps it as its own weight (the model is untied). ``gqsa.save`` stores the packed table, and loading such a
-    checkpoint never builds the dense one.
-
-    Args:
-        model: a transformers causal LM whose input embedding is a plain ``nn.Embedding``.
-        bits, group_size, symmetric, qparam_method: the quantization (``gqsa.QuantSpec``'s meaning).
-
-    Returns:
-        The new PackedEmbedding, already set as the model's input embedding.
-
-    Raises:
-        ValueError: the embedding is not a plain nn.Embedding (already packed, or scaled as Gemma's), or the
-            quantization is invalid for it.
-    """
-    embedding = model.get_input_embeddings()
-    if type(embedding) is not nn.Embedding:
-        raise ValueError(f"the input embedding must be a plain nn.Embedding, got {type(embedding).__name__}")
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is embedding.weight:
-        logger.warning("the LM head is tied to the input embedding and keeps the dense table in memory; "
-                       "pack the LM head first (pack_lm_head) to release it")
-        _untie_word_embeddings(model)
-    packed = PackedEmbedding.from_embedding(embedding, bits, group_size, symmetric, qparam_method)
-    model.set_input_embeddings(packed)
-    logger.info("input embedding packed: W%d g%d, %.2f bits per weight", bits, group_size,
-                packed.packed_weight().bits_per_weight())
-    return packed
 
 
 def _tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -240,8 +83,6 @@ def save_compressed(
     Returns:
         The directory.
     """
-    from gqsa.models.hf_integration import quantization_config_dict
-
     out_dir = Path(out_dir)
     layers = layer_metadata(model)
     if not layers:
@@ -466,8 +307,6 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{path}: tensors {still_meta[:3]} were not loaded")
-    from gqsa.models.hf_integration import quantization_config_dict
-
     model.config.quantization_config = quantization_config_dict(gqsa_config["layers"])
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
