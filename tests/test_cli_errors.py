@@ -293,3 +293,24 @@ def test_zeroshot_json_is_strict(capsys, monkeypatch, dense_dir):
     assert code == 0, err
     result = strict_json(out)
     assert result["acc"] is None and result["ppl"] is None
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`gqsa info DIR | head -1`: a closed stdout is no error to report (exit 141, as a shell's SIGPIPE)."""
+    import subprocess
+    import sys
+
+    from tiny import tiny_model
+
+    import gqsa
+    from gqsa.compress import compress_model
+    from gqsa.config import CompressConfig
+
+    model = tiny_model("llama")
+    compress_model(model, CompressConfig(method="magnitude"), progress=False)
+    gqsa.save(model, None, tmp_path / "ckpt")
+    proc = subprocess.Popen([sys.executable, "-m", "gqsa", "info", str(tmp_path / "ckpt")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and not err.strip(), err

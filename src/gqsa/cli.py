@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -476,7 +477,7 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirector
                     PermissionError)
 # OSErrors that say a path the user gave cannot be used as asked (a read-only file system for --out): bad input too.
 _BAD_PATH_ERRNOS = frozenset({errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
-EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 2, 1, 130, 143, 141
 # What to do about an OSError of the machine, by errno.
 _OS_ERROR_HINTS = {
     errno.ENOSPC: "free some space or write elsewhere",
@@ -536,6 +537,10 @@ def _run_handler(handler, args: argparse.Namespace) -> int:
     except Terminated:
         print(f"gqsa {name}: terminated{resume}", file=sys.stderr)
         return EXIT_TERMINATED
+    except BrokenPipeError:  # the reader of stdout went away (`gqsa info DIR | head -1`): nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush fails no more
+        return EXIT_BROKEN_PIPE
     except BAD_INPUT_ERRORS as exc:
         if args.verbose:
             logger.exception("gqsa %s failed", name)
