@@ -200,6 +200,15 @@ def test_hf_directory_round_trip(tmp_path):
     assert half.dtype == torch.bfloat16
 
 
+def test_truncated_weights_of_a_hf_directory_are_named(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"hf: the model's weights cannot be loaded \(truncated or corrupted"):
+        load_model(tmp_path / "hf")
+
+
 def test_compressed_checkpoint_dispatch(tmp_path, monkeypatch):
     checkpoint = tmp_path / "compressed"
     checkpoint.mkdir()

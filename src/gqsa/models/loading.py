@@ -306,12 +306,19 @@ def _load_hf_directory(
 
     Raises:
         FileNotFoundError: the directory has no tokenizer vocabulary (see :func:`check_tokenizer_files`).
-        ValueError: a weight holds NaN or Inf, or transformers cannot build the tokenizer from the files there.
+        ValueError: the weight files cannot be read (truncated, corrupted), a weight holds NaN or Inf, or
+            transformers cannot build the tokenizer from the files there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_tokenizer_files(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as exc:  # truncated or corrupted weight files surface as many types (SafetensorError, ...)
+        if _is_system_error(exc):
+            raise
+        raise ValueError(f"{source or path}: the model's weights cannot be loaded (truncated or corrupted file?): "
+                         f"{type(exc).__name__}: {exc}") from exc
     check_finite_weights(model, source=str(source or path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
