@@ -174,8 +174,6 @@ def _resolve_compress_config(args):
 
 def _activation_budget_bytes(mb: int | None) -> int:
     """``mb`` MiB, or a quarter of the machine's physical memory when not given."""
-    import os
-
     if mb is not None:
         if mb < 0:
             raise ValueError(f"--activation-budget-mb must be >= 0, got {mb}")

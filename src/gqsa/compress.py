@@ -22,10 +22,11 @@ from gqsa.algorithms.reports import float_layer_report, layer_report
 from gqsa.config import CompressConfig
 from gqsa.format.packed import PackedWeight
 from gqsa.models.adapter import compressible_linears
-from gqsa.models.checks import check_context_length, describe_nonfinite
+from gqsa.models.checks import check_context_length
 from gqsa.models.checkpoints import model_summary
 from gqsa.models.surgery import set_submodule
 from gqsa.nn.packed_linear import GQSALinear
+from gqsa.utils.finite import describe_nonfinite
 
 logger = logging.getLogger(__name__)
 

@@ -4,29 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from gqsa.models.checks import check_context_length, check_finite_weights, describe_nonfinite, max_context_length
+from gqsa.models.checks import check_context_length, check_finite_weights, max_context_length
 from tiny import tiny_config, tiny_model
-
-
-def test_describe_nonfinite_counts_each_kind():
-    t = torch.zeros(4, 8)
-    assert describe_nonfinite(t) is None
-    t[0, 0], t[1, 1], t[2, 2] = float("nan"), float("inf"), -float("inf")
-    assert describe_nonfinite(t) == "3 non-finite values of 32 (1 NaN, 2 Inf)"
-    assert describe_nonfinite(t.half()) == "3 non-finite values of 32 (1 NaN, 2 Inf)"
-    assert describe_nonfinite(torch.tensor([float("nan")])) == "1 non-finite value of 1 (1 NaN, 0 Inf)"
-    assert describe_nonfinite(torch.ones(3, dtype=torch.int64)) is None
-    assert describe_nonfinite(torch.empty(0)) is None
-
-
-def test_describe_nonfinite_in_chunks(monkeypatch):
-    import gqsa.models.checks as checks
-
-    monkeypatch.setattr(checks, "_CHUNK", 5)  # the counts add up over chunks
-    t = torch.zeros(23)
-    t[[0, 7, 22]] = float("nan")
-    t[11] = float("inf")
-    assert describe_nonfinite(t) == "4 non-finite values of 23 (3 NaN, 1 Inf)"
 
 
 def test_check_finite_weights_names_the_first_bad_parameter_or_buffer():

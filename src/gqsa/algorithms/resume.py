@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gqsa._version import __version__
+from gqsa.format.checkpoint import tensor_sha256
 from gqsa.format.packed import FORMAT_VERSION, PackedWeight
 from gqsa.nn.packed_linear import GQSALinear
 from gqsa.utils import jsonio
@@ -43,10 +44,7 @@ def model_digest(model: nn.Module) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of the model's tensors (its identity as an input)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        data = t.detach().contiguous().cpu().reshape(-1)
-        if data.numel():
-            h.update(data.view(torch.uint8).numpy())
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{tensor_sha256(t)}".encode())
     return h.hexdigest()
 
 
@@ -105,10 +103,6 @@ class ResumeState:
         """Whether block ``block`` has an entry (its ``.json``, written last). ``load`` checks it."""
         return self._paths(block)[1].exists()
 
-    def finished_blocks(self) -> int:
-        """How many blocks have an entry."""
-        return len(list(self.directory.glob("block_*.json")))
-
     def save(self, block: int, layers: dict[str, nn.Module], record: dict) -> None:
         """Store the finished block's compressed layers (by name within the block) and its report.
 
@@ -121,8 +115,9 @@ class ResumeState:
         tensors, meta = {}, {}
         for name, module in layers.items():
             if isinstance(module, GQSALinear):
-                parts = module.packed_weight().tensors()
-                meta[name] = json.dumps({"kind": "packed", **module.packed_weight().metadata()})
+                packed = module.packed_weight()
+                parts = packed.tensors()
+                meta[name] = json.dumps({"kind": "packed", **packed.metadata()})
             elif isinstance(module, nn.Linear):
                 parts = {"weight": module.weight}
                 meta[name] = json.dumps({"kind": "linear", "in_features": module.in_features,

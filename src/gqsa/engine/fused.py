@@ -60,6 +60,7 @@ from gqsa.models.adapter import (
 )
 from gqsa.ops.cpu import native_batch_limit
 from gqsa.ops.norm import add_rms_norm
+from gqsa.ops.safety import tensor_version
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def _fingerprint(model: nn.Module) -> tuple:
             key += [module.backend, module.fast_path]
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is not None:
-                key += [t.data_ptr(), 0 if t.is_inference() else t._version]
+                key += [t.data_ptr(), tensor_version(t)]
     return tuple(key)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gqsa.format.packed import FORMAT_VERSION, TENSOR_NAMES, FormatError, PackedWeight, summarize_layers
+from gqsa.utils.finite import describe_nonfinite
 
 GQSA_CONFIG_NAME = "gqsa_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -173,7 +174,7 @@ def check_weights_file(
 
     Args:
         directory: checkpoint directory.
-        gqsa_config: from ``read_gqsa_config``.
+        gqsa_config: from ``read_gqsa_config`` (which has checked its form).
         expected: name -> (shape, dtype) that the model to be filled needs, or None to skip that check.
 
     Returns:
@@ -188,9 +189,7 @@ def check_weights_file(
         raise CheckpointError(f"{path}: weights file not found")
     header, data_start = _read_header(path)
     size = path.stat().st_size
-    recorded = record.get("tensors")
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{Path(directory) / GQSA_CONFIG_NAME}: 'weights' has no 'tensors' record")
+    recorded = record["tensors"]  # its records' form was checked by read_gqsa_config
     for name, info in header.items():
         try:
             begin, end = (data_start + int(o) for o in info["data_offsets"])
@@ -220,12 +219,10 @@ def check_weights_file(
     for name, info in header.items():
         shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]]
         rec = recorded[name]
-        if not isinstance(rec, dict) or list(shape) != rec.get("shape") \
-                or str(dtype).removeprefix("torch.") != rec.get("dtype"):
-            rec_desc = f"{rec.get('shape')} {rec.get('dtype')}" if isinstance(rec, dict) else repr(rec)
+        if list(shape) != rec["shape"] or str(dtype).removeprefix("torch.") != rec["dtype"]:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {list(shape)} {info['dtype']} but {GQSA_CONFIG_NAME} "
-                f"records {rec_desc}"
+                f"records {rec['shape']} {rec['dtype']}"
             )
         if expected is not None:
             want_shape, want_dtype = expected[name]
@@ -315,11 +312,9 @@ def verify_tensors(path: Path, gqsa_config: dict, tensors: dict[str, torch.Tenso
             if not good:
                 raise CheckpointError(f"{path}: tensor {name!r} is corrupted (SHA-256 does not match)")
     for name in recorded:
-        t = tensors[name]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            nan = int(torch.isnan(t).sum())
-            inf = int(torch.isinf(t).sum())
-            raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values ({nan} NaN, {inf} Inf)")
+        problem = describe_nonfinite(tensors[name])
+        if problem is not None:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {problem}")
     for layer, meta in gqsa_config["layers"].items():
         packed = packed_from_state(tensors, layer, meta)
         try:

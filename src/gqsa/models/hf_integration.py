@@ -21,7 +21,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gqsa.format.checkpoint import QUANT_METHOD
+from gqsa.format.checkpoint import (
+    GQSA_CONFIG_NAME,
+    QUANT_METHOD,
+    CheckpointError,
+    check_weights_file,
+    read_gqsa_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +115,6 @@ def _checked_checkpoint(layers: dict, checkpoint_files: list[str] | None) -> tup
         CheckpointError: no checkpoint file, no or another ``gqsa_config.json``, a weights file that does not
             match its record, or a ``quantization_config`` that disagrees with it.
     """
-    from gqsa.format.checkpoint import GQSA_CONFIG_NAME, CheckpointError, check_weights_file, read_gqsa_config
-
     if not checkpoint_files or len(checkpoint_files) != 1:
         raise CheckpointError(
             f"a gqsa checkpoint is one safetensors file beside {GQSA_CONFIG_NAME}; transformers found "

@@ -16,6 +16,7 @@ takes as valid.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,21 +154,24 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     source = {"gguf_file": gguf_path.name, "local_files_only": True}
-    try:
+    with _unreadable(f"transformers cannot read the GGUF file {gguf_path} ({gguf_path.stat().st_size} bytes)"):
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **source)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **source)
-    except Exception as exc:  # transformers and gguf raise many types for a file they cannot read
-        if _is_system_error(exc):
-            raise
-        raise ValueError(f"transformers cannot read the GGUF file {gguf_path} ({gguf_path.stat().st_size} bytes): "
-                         f"{type(exc).__name__}: {exc}") from exc
     _without_gguf_quantizer(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def _is_system_error(exc: BaseException) -> bool:
-    """An error of the machine (out of memory, a failing disk), not of the files read."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
+@contextlib.contextmanager
+def _unreadable(what: str) -> Iterator[None]:
+    """Turn what transformers (and gguf, safetensors, tokenizers) raise for files they cannot read, many types,
+    into one ValueError: ``"<what>: <type>: <message>"``. Errors of the machine (out of memory, a failing disk:
+    an OSError with an errno) pass through as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+            raise
+        raise ValueError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _without_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
@@ -312,21 +317,11 @@ def _load_hf_directory(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_tokenizer_files(path)
-    try:
+    with _unreadable(f"{source or path}: the model's weights cannot be loaded (truncated or corrupted file?)"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except Exception as exc:  # truncated or corrupted weight files surface as many types (SafetensorError, ...)
-        if _is_system_error(exc):
-            raise
-        raise ValueError(f"{source or path}: the model's weights cannot be loaded (truncated or corrupted file?): "
-                         f"{type(exc).__name__}: {exc}") from exc
     check_finite_weights(model, source=str(source or path))
-    try:
+    with _unreadable(f"{path}: the tokenizer cannot be loaded from its files"):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises many types for tokenizer files it cannot use
-        if _is_system_error(exc):
-            raise
-        raise ValueError(f"{path}: the tokenizer cannot be loaded from its files ({type(exc).__name__}: "
-                         f"{exc})") from exc
     return model, tokenizer
 
 

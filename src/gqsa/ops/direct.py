@@ -23,7 +23,7 @@ import torch
 
 from gqsa.ops.backends import select_kernel
 from gqsa.ops.linear import ACTIVATION_DTYPES, _check_args, reference_linear
-from gqsa.ops.safety import check_kernel_indices
+from gqsa.ops.safety import check_kernel_indices, tensor_version
 
 
 class BoundLinear:
@@ -31,8 +31,8 @@ class BoundLinear:
 
     ``sources`` are the tensors it was bound to (identity and data pointer are checked by ``is_bound_to``, so
     a layer notices moved or replaced buffers, and so are the version counters of the index tensors, so that
-    indices edited in place are checked again before a kernel reads them). Call it with x: (..., in_features) on the weight's device, in
-    the bias's dtype when there is a bias; returns (..., out_features) in x's dtype.
+    indices edited in place are checked again before a kernel reads them). Call it with x: (..., in_features)
+    on the weight's device, in the bias's dtype when there is a bias; returns (..., out_features) in x's dtype.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], sources: tuple, backend: str,
@@ -43,7 +43,7 @@ class BoundLinear:
         self.in_features = in_features
         self.native_mode = native_mode  # the native CPU kernel's split mode, None for any other backend
         self._ptrs = tuple(0 if t is None else t.data_ptr() for t in sources)
-        self._index_versions = _versions(sources[:2])
+        self._index_versions = tuple(tensor_version(t) for t in sources[:2])
 
     def is_bound_to(self, sources: tuple, backend: str) -> bool:
         """Whether this function still computes with exactly these tensors, unchanged indices and this backend."""
@@ -52,21 +52,10 @@ class BoundLinear:
         for mine, theirs, ptr in zip(self.sources, sources, self._ptrs):
             if mine is not theirs or (theirs is not None and theirs.data_ptr() != ptr):
                 return False
-        return _versions(sources[:2]) == self._index_versions
+        return tuple(tensor_version(t) for t in sources[:2]) == self._index_versions
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
-
-
-def _versions(tensors: tuple) -> tuple:
-    """Version counters (None for inference tensors, which have none)."""
-    out = []
-    for t in tensors:
-        try:
-            out.append(t._version)
-        except RuntimeError:
-            out.append(None)
-    return tuple(out)
 
 
 def bind_linear(

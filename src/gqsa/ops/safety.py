@@ -26,7 +26,8 @@ from gqsa.format.packed import check_indices
 _checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _version(t: torch.Tensor) -> int | None:
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change), or None for an inference tensor."""
     try:
         return t._version
     except RuntimeError:  # inference tensors track no version (they cannot be changed outside inference mode)
@@ -34,8 +35,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _key(crow_indices: torch.Tensor, col_indices: torch.Tensor, num_groups: int) -> tuple:
-    return (crow_indices.data_ptr(), col_indices.data_ptr(), _version(crow_indices),
-            _version(col_indices), tuple(crow_indices.shape), tuple(col_indices.shape), num_groups)
+    return (crow_indices.data_ptr(), col_indices.data_ptr(), tensor_version(crow_indices),
+            tensor_version(col_indices), tuple(crow_indices.shape), tuple(col_indices.shape), num_groups)
 
 
 def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int, group_size: int,
@@ -61,7 +62,3 @@ def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, 
     check_indices(crow_indices, col_indices, num_groups, name)
     _checked[crow_indices] = (weakref.ref(col_indices), key)
 
-
-def forget_checks() -> None:
-    """Drop every remembered check (tests)."""
-    _checked.clear()
