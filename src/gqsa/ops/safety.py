@@ -18,12 +18,17 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from gqsa.format.packed import check_indices
 
-# crow_indices tensor -> (weak reference to the col_indices tensor, key) of the last pair checked
-_checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(crow_indices) -> (weak reference to it, weak reference to the col_indices checked with it, key); a plain
+# dict of ids, a quarter of the cost of a WeakIdKeyDictionary lookup, emptied by the weak reference's callback
+_checked: dict[int, tuple[weakref.ref, weakref.ref, tuple]] = {}
+
+
+def _forget(ref: weakref.ref, ident: int) -> None:
+    if _checked.get(ident, (None,))[0] is ref:  # not an entry of a newer tensor that took the same id
+        del _checked[ident]
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
@@ -36,7 +41,7 @@ def tensor_version(t: torch.Tensor) -> int | None:
 
 def _key(crow_indices: torch.Tensor, col_indices: torch.Tensor, num_groups: int) -> tuple:
     return (crow_indices.data_ptr(), col_indices.data_ptr(), tensor_version(crow_indices),
-            tensor_version(col_indices), tuple(crow_indices.shape), tuple(col_indices.shape), num_groups)
+            tensor_version(col_indices), crow_indices.shape, col_indices.shape, num_groups)
 
 
 def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int, group_size: int,
@@ -52,13 +57,14 @@ def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, 
     Raises:
         gqsa.format.packed.FormatError: naming the broken rule (a ValueError).
     """
-    if crow_indices.device.type == "meta":
+    if crow_indices.is_meta:
         return
     num_groups = in_features // group_size
     key = _key(crow_indices, col_indices, num_groups)
-    seen = _checked.get(crow_indices)
-    if seen is not None and seen[0]() is col_indices and seen[1] == key:
+    ident = id(crow_indices)
+    seen = _checked.get(ident)
+    if seen is not None and seen[0]() is crow_indices and seen[1]() is col_indices and seen[2] == key:
         return
     check_indices(crow_indices, col_indices, num_groups, name)
-    _checked[crow_indices] = (weakref.ref(col_indices), key)
+    _checked[ident] = (weakref.ref(crow_indices, lambda ref: _forget(ref, ident)), weakref.ref(col_indices), key)
 
