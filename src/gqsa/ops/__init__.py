@@ -7,6 +7,7 @@ from gqsa.ops.backends import Backend, Kernel, available_backends, register_kern
 from gqsa.ops.linear import gqsa_linear, packed_linear, reference_linear
 from gqsa.ops import cpu  # noqa: E402,F401  registers the native "cpu" kernels (extension imported lazily)
 from gqsa.ops import gpu  # noqa: E402,F401  registers the "triton" kernels (triton imported lazily)
+from gqsa.ops import gpu_a8  # noqa: E402,F401  registers "triton-a8" (triton imported lazily)
 
 __all__ = [
     "Backend",

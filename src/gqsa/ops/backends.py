@@ -33,6 +33,12 @@ class Kernel:
     the given x (False: an approximation such as int8 activations, which ``auto`` never picks and
     ``available_backends`` lists only when asked). ``named_only``: device types (a subset of ``device_types``)
     where the kernel runs only when asked for by name, never by ``auto`` (Triton's interpreter on CPU).
+
+    The kernel contract: ``prepare(crow_indices, col_indices, values, scale, zero_point, bias, out_features,
+    in_features, group_size, bits)`` (the op's arguments after x, already checked) builds the backend's layout
+    from the packed weight once and returns the function ``x -> y`` that runs on it; ``bind_linear`` and the
+    layers call it once per weight. Kernels that run on the packed tensors as they are leave it None (the bound
+    function then calls ``fn``); ``fn`` is the op's per-call entry (a kernel with a layout keeps it cached).
     """
 
     name: str
@@ -42,6 +48,7 @@ class Kernel:
     priority: int = 0
     exact: bool = True
     named_only: frozenset[str] = frozenset()
+    prepare: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -70,22 +77,32 @@ def _usable(kernel: Kernel, device_type: str) -> bool:
 
 
 def select_kernel(backend: str, device_type: str, reference: Callable[..., torch.Tensor]) -> Callable:
-    """The function that serves ``backend`` on ``device_type``.
+    """The function that serves ``backend`` on ``device_type`` (``reference`` for the reference).
+
+    Raises:
+        ValueError: an unknown backend name, or a known one that cannot run on this device/process.
+    """
+    kernel = resolve_kernel(backend, device_type)
+    return reference if kernel is None else kernel.fn
+
+
+def resolve_kernel(backend: str, device_type: str) -> Kernel | None:
+    """The kernel that serves ``backend`` on ``device_type``; None for the reference implementation.
 
     Raises:
         ValueError: an unknown backend name, or a known one that cannot run on this device/process.
     """
     if backend == Backend.REFERENCE.value:
-        return reference
+        return None
     if backend == Backend.AUTO.value:
         for kernel in sorted(_KERNELS.values(), key=lambda k: -k.priority):
             if kernel.exact and device_type not in kernel.named_only and _usable(kernel, device_type):
-                return kernel.fn
+                return kernel
         key = ("auto", device_type)
         if key not in _warned:
             _warned.add(key)
             logger.info("gqsa::linear: no fast kernel for device %r; using the reference implementation", device_type)
-        return reference
+        return None
     kernel = _KERNELS.get(backend)
     if kernel is None:
         known = [Backend.AUTO.value, Backend.REFERENCE.value, *_KERNELS]
@@ -95,4 +112,4 @@ def select_kernel(backend: str, device_type: str, reference: Callable[..., torch
             f"gqsa backend {backend!r} cannot run on device type {device_type!r} here; "
             f"available: {available_backends(device_type, approximate=True, named_only=True)}"
         )
-    return kernel.fn
+    return kernel

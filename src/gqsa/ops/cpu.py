@@ -32,11 +32,13 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
 from gqsa.ops.backends import Kernel, register_kernel
+from gqsa.ops.linear import ACTIVATION_DTYPES, check_x
 from gqsa.ops.safety import check_kernel_indices
 
 logger = logging.getLogger(__name__)
@@ -268,6 +270,38 @@ def linear_small_batch(
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def prepare_native(mode, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features,
+                   group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A lean closure around the native CPU kernel in ``mode``.
+
+    The kernel contract's ``prepare`` of ``cpu`` and ``cpu-rowsplit`` (gqsa.ops.backends). It ends in the call
+    ``native_linear`` ends in (``linear_small_batch``; above ``native_batch_limit``
+    rows ``native_linear`` itself), with the pointers and the float32 bias prepared once.
+    """
+    packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
+    zero = None if zero_point is None else zero_point.contiguous()
+    problem = problem_args(*packed, zero)
+    nnz = packed[1].numel()
+    bias32 = None if bias is None else bias.to(torch.float32)
+    bias_dtype = None if bias is None else bias.dtype
+    cpu_device = values.device
+    k = in_features
+    limit = native_batch_limit(out_features, in_features)
+    weight = (*packed, zero, bias, out_features, in_features, group_size, bits)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if (x.shape[-1:] != (k,) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu
+                or (bias_dtype is not None and x.dtype != bias_dtype)):
+            check_x(x, k, bias_dtype, cpu_device)
+        m = x.numel() // k
+        if m > limit or m == 0:
+            return native_linear(x, *weight, mode=mode)
+        return linear_small_batch(x, problem, nnz, out_features, in_features, group_size, bits, mode,
+                                  bias32=bias32)
+
+    return run
+
+
 def _task_linear(*args) -> torch.Tensor:
     return native_linear(*args, mode=MODE_TASK)
 
@@ -280,9 +314,11 @@ def _a8_linear(*args) -> torch.Tensor:
     return native_linear(*args, mode=MODE_TASK, act8=True)
 
 
-CPU_KERNEL = Kernel(name="cpu", device_types=frozenset({"cpu"}), fn=_task_linear, available=available, priority=10)
+CPU_KERNEL = Kernel(name="cpu", device_types=frozenset({"cpu"}), fn=_task_linear, available=available, priority=10,
+                    prepare=functools.partial(prepare_native, MODE_TASK))
 CPU_ROWSPLIT_KERNEL = Kernel(
-    name="cpu-rowsplit", device_types=frozenset({"cpu"}), fn=_rowsplit_linear, available=available, priority=5
+    name="cpu-rowsplit", device_types=frozenset({"cpu"}), fn=_rowsplit_linear, available=available, priority=5,
+    prepare=functools.partial(prepare_native, MODE_ROWS),
 )
 # int8 activations (approximate: never chosen by "auto"; ask for backend="cpu-a8")
 CPU_A8_KERNEL = Kernel(name="cpu-a8", device_types=frozenset({"cpu"}), fn=_a8_linear, available=available,

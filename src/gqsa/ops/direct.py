@@ -10,9 +10,10 @@ tracing and no tensor subclass is involved (see ``GQSALinear.forward``); everyth
 graphs that ``torch.compile`` traces for inference, ``gqsa::linear_direct`` is the same native call as an op whose
 checks run once, at trace time (internal; its only caller is ``GQSALinear``).
 
-The native path prepares ``gqsa.ops.cpu.problem_args`` once and calls ``gqsa.ops.cpu.linear_small_batch``, the
-function that ``native_linear`` itself ends in, so it stays the same call; tests/ops/test_ops_direct.py compares
-the two bit for bit.
+Binding goes through the kernel contract (``Kernel.prepare``, gqsa.ops.backends): a backend with a layout builds it
+here, once. The native CPU kernels' ``prepare`` (gqsa.ops.cpu.prepare_native) computes ``problem_args`` once and
+calls ``linear_small_batch``, the function that ``native_linear`` itself ends in, so it stays the same call;
+tests/ops/test_ops_direct.py compares the two bit for bit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from gqsa.ops.backends import select_kernel
-from gqsa.ops.linear import ACTIVATION_DTYPES, _check_args, reference_linear
+from gqsa.ops.backends import resolve_kernel
+from gqsa.ops.linear import _check_args, check_x, reference_linear
 from gqsa.ops.safety import check_kernel_indices, tensor_version
 
 
@@ -92,37 +93,19 @@ def bind_linear(
               bits)
     _check_args(probe, *weight)
     check_kernel_indices(crow_indices, col_indices, in_features, group_size)
-    fn = select_kernel(backend, values.device.type, reference_linear)
+    kernel = resolve_kernel(backend, values.device.type)
     sources = (crow_indices, col_indices, values, scale, zero_point, bias)
-    mode = _native_mode(fn, values.device)
-    bound = None if mode is None else _bind_native(mode, *weight)
-    if bound is None:
+    mode = None if kernel is None else _native_mode(kernel.fn, values.device)
+    if kernel is not None and kernel.prepare is not None:
+        bound = kernel.prepare(*weight)  # the backend's layout, built once; checks x itself
+    else:
+        fn = reference_linear if kernel is None else kernel.fn
         bias_dtype = None if bias is None else bias.dtype
 
         def bound(x: torch.Tensor) -> torch.Tensor:
-            _check_x(x, in_features, bias_dtype, values.device)
+            check_x(x, in_features, bias_dtype, values.device)
             return fn(x, *weight)
     return BoundLinear(bound, sources, backend, in_features, mode)
-
-
-def _check_x(x: torch.Tensor, in_features: int, bias_dtype: torch.dtype | None, device: torch.device) -> None:
-    """The op's checks that depend on x (the weight's were done at bind time).
-
-    Raises:
-        ValueError: x's last dimension is not in_features, its dtype is not an activation dtype (or not the
-            bias's), or it is on another device than the weight.
-    """
-    def fail(msg: str):
-        raise ValueError(f"gqsa::linear: {msg}")
-
-    if x.shape[-1:] != (in_features,):
-        fail(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
-    if x.dtype not in ACTIVATION_DTYPES:
-        fail(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if bias_dtype is not None and x.dtype != bias_dtype:
-        fail(f"x is {x.dtype} but the bias is {bias_dtype}; they must match")
-    if x.device != device:
-        fail(f"x is on {x.device} but the weight is on {device}")
 
 
 def _native_mode(fn, device: torch.device) -> int | None:
@@ -132,39 +115,6 @@ def _native_mode(fn, device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     return {cpu.CPU_KERNEL.fn: cpu.MODE_TASK, cpu.CPU_ROWSPLIT_KERNEL.fn: cpu.MODE_ROWS}.get(fn)
-
-
-def _bind_native(mode, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features,
-                 group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A lean closure around the native CPU kernel in ``mode``.
-
-    It ends in the call ``gqsa.ops.cpu.native_linear`` ends in (``linear_small_batch``; above ``native_batch_limit``
-    rows ``native_linear`` itself), with the pointers and the float32 bias prepared once.
-    """
-    from gqsa.ops import cpu
-
-    packed = [t.contiguous() for t in (crow_indices, col_indices, values, scale)]
-    zero = None if zero_point is None else zero_point.contiguous()
-    problem = cpu.problem_args(*packed, zero)
-    nnz = packed[1].numel()
-    bias32 = None if bias is None else bias.to(torch.float32)
-    bias_dtype = None if bias is None else bias.dtype
-    cpu_device = values.device
-    k = in_features
-    limit = cpu.native_batch_limit(out_features, in_features)
-    weight = (*packed, zero, bias, out_features, in_features, group_size, bits)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[-1:] != (k,) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu
-                or (bias_dtype is not None and x.dtype != bias_dtype)):
-            _check_x(x, k, bias_dtype, cpu_device)
-        m = x.numel() // k
-        if m > limit or m == 0:
-            return cpu.native_linear(x, *weight, mode=mode)
-        return cpu.linear_small_batch(x, problem, nnz, out_features, in_features, group_size, bits, mode,
-                                      bias32=bias32)
-
-    return run
 
 
 @torch.library.custom_op("gqsa::linear_direct", mutates_args=())

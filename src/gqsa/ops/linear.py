@@ -66,6 +66,26 @@ def _check_args(
             fail(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def check_x(x: torch.Tensor, in_features: int, bias_dtype: torch.dtype | None, device: torch.device) -> None:
+    """The op's checks that depend on x (the weight's were done at bind time).
+
+    Raises:
+        ValueError: x's last dimension is not in_features, its dtype is not an activation dtype (or not the
+            bias's), or it is on another device than the weight.
+    """
+    def fail(msg: str):
+        raise ValueError(f"gqsa::linear: {msg}")
+
+    if x.shape[-1:] != (in_features,):
+        fail(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        fail(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if bias_dtype is not None and x.dtype != bias_dtype:
+        fail(f"x is {x.dtype} but the bias is {bias_dtype}; they must match")
+    if x.device != device:
+        fail(f"x is on {x.device} but the weight is on {device}")
+
+
 def reference_linear(
     x: torch.Tensor,
     crow_indices: torch.Tensor,
