@@ -105,6 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
     g.add_argument("--no-fused", action="store_true",
                    help="decode through the model's own forward instead of gqsa's fused step (Llama family)")
+    g.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run the fused decode step eagerly instead of replaying it from a CUDA graph")
     g.add_argument("--device", default="cpu",
                    help="where the model runs: cpu (native kernels) or cuda / cuda:N (Triton kernels)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -196,12 +198,12 @@ def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
-              chat=True, stream=False, compile=False, fused=None):
+              chat=True, stream=False, compile=False, fused=None, cuda_graph=None):
     """Text generated after ``prompt`` by gqsa's decode loop (static KV cache), and the GenerationResult."""
     from gqsa.engine import GenerationSpec, encode_prompt, eos_token_ids, generate
 
     spec = GenerationSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          compile=compile, fused=fused)
+                          compile=compile, fused=fused, cuda_graph=cuda_graph)
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     streamer = None
     if stream:
@@ -392,7 +394,8 @@ def cmd_generate(args) -> int:
     backend = use_fastest_backend(model)
     text, result = _generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed, chat=not args.no_chat_template, stream=args.stream, compile=args.compile,
-                             fused=False if args.no_fused else None)
+                             fused=False if args.no_fused else None,
+                             cuda_graph=False if args.no_cuda_graph or args.no_fused else None)
     if not args.stream:
         print(text)
     print(f"[backend {backend}, {result.step} step: {result.prompt_tokens} prompt tokens, {result.tokens.numel()} "

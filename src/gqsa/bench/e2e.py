@@ -249,7 +249,8 @@ def run_once(model: nn.Module, spec: CandidateSpec, prompt: torch.Tensor, new_to
     else:
         spec_ = GenerationSpec(max_new_tokens=new_tokens, stop_at_eos=False, compile=spec.name == "gqsa-compile",
                                fused=spec.fused)
-        step = {"fused": "fused", "model": "model forward"}[generate(model, prompt, spec_, streamer=clock).step]
+        step = {"fused": "fused", "fused, cuda graph": "fused, cuda graph", "model": "model forward"}[
+            generate(model, prompt, spec_, streamer=clock).step]
     return clock.result(prompt.shape[1]) | {"step": step}
 
 

@@ -77,6 +77,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
         self.max_len = max_len
+        self.positions = torch.arange(max_len, device=device)  # (max_len,): the static step's attention mask
 
 
 def _linear_fn(module: nn.Module) -> Linear:
@@ -243,19 +244,32 @@ class FusedDecoder:
         """``forward`` with these blocks and LM head (bound kernels when eager, modules when compiled)."""
         return self._run_embedded(blocks, lm_head, self.embed(input_ids), start, cache)
 
-    def _run_embedded(self, blocks: list[_Block], lm_head: Linear, x: torch.Tensor, start: int,
+    def _run_embedded(self, blocks: list[_Block], lm_head: Linear, x: torch.Tensor, start: int | torch.Tensor,
                       cache: KVCache) -> torch.Tensor:
-        """``_run`` from the token embeddings x (1, T, D), a new tensor that is updated in place."""
+        """``_run`` from the token embeddings x (1, T, D), a new tensor that is updated in place.
+
+        ``start`` an int: positions ``start .. start + T - 1``, attention over the filled prefix. ``start`` a (1,)
+        int64 tensor on the device (one token, T = 1): the static form a CUDA graph can replay for any position:
+        the rotary rows and the cache slot chosen by index, attention over the whole cache with the positions
+        after ``start`` masked out (their weights are exactly 0).
+        """
         t = x.shape[1]
-        end = start + t
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         half = d // 2
-        cos, sin = self._cos[start:end], self._sin[start:end]  # (T, 1, d)
-        # a prompt from position 0 is causal as SDPA means it; a later chunk needs an explicit mask
-        causal = t > 1 and start == 0
+        static = isinstance(start, torch.Tensor)
         mask = None
-        if t > 1 and start > 0:
-            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)  # (T, end)
+        if static:
+            end = cache.max_len
+            cos, sin = self._cos.index_select(0, start), self._sin.index_select(0, start)  # (1, 1, d)
+            mask = (cache.positions <= start).view(1, 1, 1, end)
+            causal = False
+        else:
+            end = start + t
+            cos, sin = self._cos[start:end], self._sin[start:end]  # (T, 1, d)
+            # a prompt from position 0 is causal as SDPA means it; a later chunk needs an explicit mask
+            causal = t > 1 and start == 0
+            if t > 1 and start > 0:
+                mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)  # (T, end)
         delta = None  # the last block's MLP output, added to x by the next norm
         for block, keys, values in zip(blocks, cache.keys, cache.values):
             n = self._norm(x, block.input_norm, delta)
@@ -269,8 +283,12 @@ class FusedDecoder:
                 qk = torch.cat([self._norm(qk[:, :, :h], block.q_norm), self._norm(qk[:, :, h:], block.k_norm)],
                                dim=2)
             qk = qk * cos + qk.roll(half, -1) * sin  # rotary, q and k at once
-            keys[:, :, start:end] = qk[:, :, h:].transpose(1, 2)  # (1, kv, T, d)
-            values[:, :, start:end] = qkv[:, :, h + kv:].transpose(1, 2)
+            if static:
+                keys.index_copy_(2, start, qk[:, :, h:].transpose(1, 2))  # (1, kv, 1, d) into slot start
+                values.index_copy_(2, start, qkv[:, :, h + kv:].transpose(1, 2))
+            else:
+                keys[:, :, start:end] = qk[:, :, h:].transpose(1, 2)  # (1, kv, T, d)
+                values[:, :, start:end] = qkv[:, :, h + kv:].transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 qk[:, :, :h].transpose(1, 2), keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                 is_causal=causal, scale=block.scaling, enable_gqa=self.grouped)  # (1, h, T, d)
@@ -293,6 +311,11 @@ class FusedDecoder:
     def decode_one_token(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """One token (1, 1) at ``position``; (1, vocab) logits for the next one."""
         return self.forward(token, position, cache)
+
+    def static_decode_one_token(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """``decode_one_token`` with the position as a (1,) int64 tensor on the device and every shape fixed by
+        the cache (what ``gqsa.engine.graph_step`` captures in a CUDA graph); (1, vocab) logits."""
+        return self._run_embedded(self.blocks, self.lm_head, self.embed(token), position, cache)
 
     def instrumented_decode_one_token(self, wrap: Callable[[str, Linear], Linear]
                                       ) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:

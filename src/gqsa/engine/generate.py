@@ -52,6 +52,8 @@ class GenerationSpec:
         fused: the fused decode step (``gqsa.engine.fused``): None uses it where the model is supported and
             falls back to the model's own forward (logged) elsewhere, True requires it (an unsupported model is
             an error), False always runs the model's own forward.
+        cuda_graph: replay the fused decode step from a CUDA graph (``gqsa.engine.graph_step``): None does so
+            on CUDA devices when the fused step runs and ``compile`` is off, True requires it, False never.
     """
 
     max_new_tokens: int = 64
@@ -61,6 +63,7 @@ class GenerationSpec:
     stop_at_eos: bool = True
     compile: bool = False
     fused: bool | None = None
+    cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -71,6 +74,10 @@ class GenerationSpec:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.fused not in (None, True, False):
             raise ValueError(f"fused must be None (where supported), True or False, got {self.fused!r}")
+        if self.cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph must be None (on CUDA), True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph and (self.compile or self.fused is False):
+            raise ValueError("cuda_graph replays the fused decode step: it needs fused (not False) and no compile")
 
 
 @dataclass
@@ -81,7 +88,8 @@ class GenerationResult:
     prompt_tokens: length of the prompt.
     first_token_s: prompt in, first new token out (prefill + its sampling): the time to first token.
     decode_s: from the first new token to the last (n - 1 decode steps).
-    step: which decode step ran: "fused" (``gqsa.engine.fused``) or "model" (the model's own forward).
+    step: which decode step ran: "fused" (``gqsa.engine.fused``), "fused, cuda graph" (replayed from a CUDA
+        graph, ``gqsa.engine.graph_step``) or "model" (the model's own forward).
     """
 
     tokens: torch.Tensor
@@ -239,6 +247,9 @@ def generate(
     input_ids = input_ids.to(device)
     cache_len = cache_length(total, spec.compile, limit)
     decoder = fused_decoder_for(model, spec, total)
+    if spec.cuda_graph and decoder is None:
+        raise ValueError("cuda_graph needs the fused decode step, which cannot run this model (see the log)")
+    step_name = "model" if decoder is None else "fused"
     generator = torch.Generator(device=device).manual_seed(spec.seed) if spec.temperature > 0 else None
     stop = set(eos_ids) if spec.stop_at_eos else set()
     if decoder is None:
@@ -252,13 +263,22 @@ def generate(
             return hf_step(model, token.view(1, 1), torch.tensor([[position]], device=device), cache)  # (1, V)
     else:
         cache = decoder.new_cache(cache_len)
-        fused_step = decoder.compiled_decode_one_token() if spec.compile else decoder.decode_one_token
+        if use_cuda_graph(spec, device):
+            from gqsa.engine.graph_step import GraphDecodeStep
+
+            graph_step = GraphDecodeStep(decoder, cache, capture=True)
+            step_name = "fused, cuda graph"
+
+            def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+                return graph_step(token, position)  # (1, V)
+        else:
+            fused_step = decoder.compiled_decode_one_token() if spec.compile else decoder.decode_one_token
+
+            def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+                return fused_step(token.view(1, 1), position, cache)  # (1, V)
 
         def first_logits(ids: torch.Tensor) -> torch.Tensor:
             return decoder.prefill(ids, cache)
-
-        def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
-            return fused_step(token.view(1, 1), position, cache)  # (1, V)
     tokens = torch.empty(spec.max_new_tokens, dtype=torch.long)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -281,7 +301,18 @@ def generate(
     if streamer is not None:
         streamer.end()
     return GenerationResult(tokens=tokens[:n].clone(), prompt_tokens=prompt_len, first_token_s=first - start,
-                            decode_s=end - first, step="model" if decoder is None else "fused")
+                            decode_s=end - first, step=step_name)
+
+
+def use_cuda_graph(spec: GenerationSpec, device: torch.device) -> bool:
+    """Whether the fused decode step is replayed from a CUDA graph (``GenerationSpec.cuda_graph``).
+
+    Raises:
+        ValueError: ``cuda_graph=True`` on a device that is not CUDA.
+    """
+    if spec.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device; the model is on {device}")
+    return device.type == "cuda" and not spec.compile and spec.cuda_graph is not False
 
 
 def fused_decoder_for(model: nn.Module, spec: GenerationSpec, tokens: int):
