@@ -65,7 +65,8 @@ def test_calls_per_timing_is_a_multiple_of_the_copies():
     assert [kernel_cuda.calls_per_timing(c, 20) for c in (1, 3, 20, 40)] == [20, 21, 20, 40]
 
 
-def test_candidates_on_cpu_tensors_carry_their_formats():
+def test_candidates_on_cpu_tensors_carry_their_formats(monkeypatch):
+    monkeypatch.setattr(kernel_cuda, "a8_available", lambda: False)  # the exact candidates only
     args = kernel.parse_args(["--device", "cuda", "--sparsity", "0.3,0.5"])
     weight = torch.randn(48, 128) * 0.02  # (N, K)
     notes: list[str] = []
@@ -87,6 +88,24 @@ def test_candidates_on_cpu_tensors_carry_their_formats():
     assert by["gqsa-triton-s30"].weight_bytes > by["gqsa-triton-s50"].weight_bytes
     big = kernel_cuda.sparse_candidates(weight, kernel.parse_args(["--sparsity", "0.5"]), cold_bytes=1 << 20)
     assert big[0].copies == kernel.copies_needed(big[0].weight_bytes, 1 << 20) > 1
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_the_a8_candidate_is_measured_only_where_the_backend_is_offered(monkeypatch, offered):
+    monkeypatch.setattr(kernel_cuda, "available_backends",
+                        lambda device_type, approximate=False, named_only=False:
+                        ["auto", "reference", "triton"] + (["triton-a8"] if offered and approximate else []))
+    assert kernel_cuda.a8_available() is offered
+    args = kernel.parse_args(["--device", "cuda", "--sparsity", "0.3,0.5"])
+    sparse = kernel_cuda.sparse_candidates(torch.randn(48, 128) * 0.02, args, cold_bytes=0)
+    by = {c.name: c for c in sparse}
+    a8 = [name for name in by if "a8" in name]
+    assert a8 == (["gqsa-triton-a8-s30", "gqsa-triton-a8-s50"] if offered else [])
+    for name in a8:  # the random-rows weight of the exact task-centric candidate, through the a8 backend
+        exact = by[name.replace("-a8", "")]
+        assert by[name].info["backend"] == "triton-a8" and by[name].info["rows"] == "random"
+        assert by[name].weight_bytes == exact.weight_bytes and by[name].info["sparsity"] == exact.info["sparsity"]
+    assert len(sparse) == 8 + len(a8)
 
 
 def test_baselines_that_cannot_run_here_are_skipped_with_a_note():
@@ -137,7 +156,24 @@ def test_targets_are_ratios_of_the_measured_medians():
     assert kernel_cuda.target_ratios(rows, bits=2, sparsity=0.3)[0]["target"] == "W2S30 vs dense W2 g64"
 
 
-@pytest.mark.skipif(not CUDA and not gpu.interpreting(), reason="needs a GPU or Triton's interpreter")
+def test_a8_candidate_is_reported_against_fp16_and_int4_where_measured():
+    rows = [_row("11008x4096", n, ms) for n, ms in [("torch-fp16", 40.0), ("torch-int4-g128", 20.0),
+                                                     ("gqsa-triton-s50", 10.0), ("gqsa-triton-a8-s50", 8.0)]]
+    rows += [_row("4096x4096", "torch-fp16", 15.0), _row("4096x4096", "gqsa-triton-s50", 5.0)]
+    targets = kernel_cuda.target_ratios(rows)
+    by = {(t["shape"], t["target"]): t for t in targets}
+    assert by["11008x4096", "W4S50 triton-a8 vs cuBLAS fp16"]["value"] == pytest.approx(5.0)
+    assert by["11008x4096", "W4S50 triton-a8 vs torch int4 g128"]["value"] == pytest.approx(2.5)
+    assert all(by["11008x4096", t]["threshold"] is None and by["11008x4096", t]["met"] is None
+               for t in ("W4S50 triton-a8 vs cuBLAS fp16", "W4S50 triton-a8 vs torch int4 g128"))
+    assert not any("a8" in t["target"] for t in targets if t["shape"] == "4096x4096")  # not measured there
+    assert len(targets) == 7 + 2 + 7
+    text = kernel_cuda.format_targets(targets)
+    assert "| 11008x4096 | 1 | W4S50 triton-a8 vs cuBLAS fp16 | 5.00x | - | - |" in text
+
+
+@pytest.mark.skipif(not gpu.interpreting(), reason="CPU tensors run the Triton candidates only under the interpreter "
+                    "(tests/conftest.py sets it where there is no GPU)")
 def test_one_tiny_shape_measured_on_cpu_tensors_under_the_interpreter():
     pytest.importorskip("triton")
     args = kernel.parse_args(["--device", "cuda", "--batch", "1", "--repeats", "1", "--min-calls", "1"])

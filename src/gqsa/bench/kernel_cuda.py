@@ -18,6 +18,8 @@ Candidates, per (out, in) shape:
   every group independently, and ``gqsa-triton-uneven-s50`` / ``gqsa-triton-rowsplit-uneven-s50`` on a mask
   whose first half of the rows keeps many more groups than the second half (``uneven_group_mask``), with the
   same overall sparsity: the case where splitting rows evenly leaves some programs with far more work.
+* ``gqsa-triton-a8-s50``, only where gqsa.ops offers the approximate ``triton-a8`` backend (int8 activations;
+  ``a8_available``): the random-rows weight of ``gqsa-triton-s50`` through that backend.
 
 Activations are fp16 except for the bf16 candidates. Timing: after a warm-up pass over the weight copies (which
 also compiles the Triton kernels), a CUDA graph of ``calls`` calls (a multiple of the copies, at least
@@ -32,7 +34,8 @@ percentage of that. ``hbm_copy_gb_per_s`` (bytes read + written by a device-to-d
 
 The targets of the issue (W4S50 at batch 1: >= 1.26x dense W2, >= 2.35x 2:4 fp16, >= 4x cuBLAS fp16, >= 75% of
 the HBM bandwidth on the 7B MLP shapes; the task-centric split faster than the row split on uneven rows) are
-computed from the measurements by ``target_ratios`` and reported in a section of their own.
+computed from the measurements by ``target_ratios`` and reported in a section of their own, with the ``triton-a8``
+candidate's speedups over cuBLAS fp16 and torch's int4 (reported, not judged) where it was measured.
 
 Everything CUDA-specific is used lazily: this module imports on a CPU-only machine, and ``bench_shape`` also runs
 on CPU tensors (the Triton candidates under ``TRITON_INTERPRET=1``), which is how the tests check it without a GPU.
@@ -70,7 +73,7 @@ from gqsa.bench.kernel import (
     write_outputs,
 )
 from gqsa.format import quantize_to_packed
-from gqsa.ops import gpu, packed_linear
+from gqsa.ops import available_backends, gpu, packed_linear
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,11 @@ SPEEDUP_KEY = "speedup_vs_fp16"
 INT4_GROUP_SIZE = 128
 W2_GROUP_SIZES = (64, 128)
 SEMI_STRUCTURED = "torch-2of4-fp16"
+INT4 = f"torch-int4-g{INT4_GROUP_SIZE}"
+A8_BACKEND = "triton-a8"  # approximate (int8 activations): measured only where gqsa.ops offers it
+SPLITS = {"triton": "task", "triton-rowsplit": "rows"}  # how each backend's decode kernel splits the work
+A8_NOTE = (f"gqsa-{A8_BACKEND} (int8 activations, approximate): its weight bytes, GB/s and % of bandwidth count the "
+           "packed format's bytes; the backend reads a layout of its own, prepared once per weight copy")
 COLD_MIN_MIB = 256
 COLD_L2_FACTOR = 4
 HBM_PROBE_MIN_BYTES = 1 << 30
@@ -246,8 +254,13 @@ def gqsa_candidates(weight: torch.Tensor, mask: torch.Tensor, bits: int, group_s
     copies = packed_copies(packed, n)
     info = info | {"bits": bits, "group_size": group_size, "sparsity": packed.sparsity}
     return [Candidate(name, lambda i, x, b=backend: packed_linear(x, copies[i], backend=b), n, packed.nbytes(),
-                      torch.float16, info | {"split": "task" if backend == "triton" else "rows"})
+                      torch.float16, info | {"split": SPLITS.get(backend), "backend": backend})
             for backend, name in names.items()]
+
+
+def a8_available() -> bool:
+    """Whether gqsa.ops offers the approximate ``triton-a8`` backend (int8 activations) for CUDA tensors here."""
+    return A8_BACKEND in available_backends("cuda", approximate=True, named_only=True)
 
 
 def w2_candidates(weight: torch.Tensor, cold_bytes: int, notes: list[str]) -> list[Candidate]:
@@ -265,9 +278,11 @@ def w2_candidates(weight: torch.Tensor, cold_bytes: int, notes: list[str]) -> li
 
 
 def sparse_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes: int) -> list[Candidate]:
-    """W{bits}S{s} for every ``args.sparsity``: both splits on random rows, then both on uneven rows."""
+    """W{bits}S{s} for every ``args.sparsity``: both splits on random rows (and ``triton-a8`` where
+    ``a8_available``, on the same weight copies), then both splits on uneven rows."""
     n_out, k = weight.shape
     g_count = k // args.group_size
+    a8 = a8_available()
     out = []
     for s in args.sparsity:
         tag = sparsity_tag(s)
@@ -275,6 +290,8 @@ def sparse_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes
                            ("uneven", uneven_group_mask(n_out, g_count, s, device=weight.device))):
             middle = "" if rows == "random" else "-uneven"
             names = {"triton": f"gqsa-triton{middle}{tag}", "triton-rowsplit": f"gqsa-triton-rowsplit{middle}{tag}"}
+            if a8 and rows == "random":
+                names[A8_BACKEND] = f"gqsa-{A8_BACKEND}{tag}"
             out += gqsa_candidates(weight, mask, args.bits, args.group_size, cold_bytes, names, {"rows": rows})
     return out
 
@@ -282,9 +299,12 @@ def sparse_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes
 def all_candidates(weight: torch.Tensor, args: argparse.Namespace, cold_bytes: int,
                    notes: list[str]) -> list[Candidate]:
     """Every candidate on ``weight`` (N, K), baselines first."""
+    sparse = sparse_candidates(weight, args, cold_bytes)
+    if any(c.info["backend"] == A8_BACKEND for c in sparse) and A8_NOTE not in notes:
+        notes.append(A8_NOTE)
     return [*dense_candidates(weight, cold_bytes), *int4_candidate(weight, cold_bytes, notes),
             *w2_candidates(weight, cold_bytes, notes), *semi_structured_candidate(weight, cold_bytes, notes),
-            *sparse_candidates(weight, args, cold_bytes)]
+            *sparse]
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -406,7 +426,8 @@ def bench_shape(shape: tuple[int, int], args: argparse.Namespace, bandwidth: flo
 
 
 def target_ratios(rows: list[dict], bits: int = 4, sparsity: float = 0.5, batch: int = 1) -> list[dict]:
-    """The issue's targets for W{bits}S{sparsity} at ``batch``, on every measured shape.
+    """The issue's targets for W{bits}S{sparsity} at ``batch``, on every measured shape; where the approximate
+    ``triton-a8`` candidate was measured, its speedups over cuBLAS fp16 and torch int4 too (threshold None).
 
     Returns:
         One dict per (shape, target): ``value`` (a speedup: the other candidate's median over ours, or ``%`` of
@@ -439,6 +460,10 @@ def target_ratios(rows: list[dict], bits: int = 4, sparsity: float = 0.5, batch:
         add(f"{label} task-centric vs row split, uneven rows",
             ratio(f"gqsa-triton-rowsplit-uneven{tag}", f"gqsa-triton-uneven{tag}"), 1.0)
         add(f"{label} task-centric vs row split, random rows", ratio(f"gqsa-triton-rowsplit{tag}", ours), None)
+        a8 = f"gqsa-{A8_BACKEND}{tag}"
+        if (shape, batch, a8) in by:  # approximate (int8 activations): its speedups are reported, not judged
+            add(f"{label} {A8_BACKEND} vs cuBLAS fp16", ratio(BASELINE, a8), None)
+            add(f"{label} {A8_BACKEND} vs torch int4 g{INT4_GROUP_SIZE}", ratio(INT4, a8), None)
     return out
 
 

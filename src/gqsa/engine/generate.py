@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -245,10 +246,11 @@ def generate(
                          f"the model's context of {limit} tokens")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    cache_len = cache_length(total, spec.compile, limit)
     decoder = fused_decoder_for(model, spec, total)
     if spec.cuda_graph and decoder is None:
         raise ValueError("cuda_graph needs the fused decode step, which cannot run this model (see the log)")
+    graph = decoder is not None and use_cuda_graph(spec, device)
+    cache_len = cache_length(total, spec.compile or graph, limit)  # graphs too are kept per cache length
     step_name = "model" if decoder is None else "fused"
     generator = torch.Generator(device=device).manual_seed(spec.seed) if spec.temperature > 0 else None
     stop = set(eos_ids) if spec.stop_at_eos else set()
@@ -262,16 +264,15 @@ def generate(
         def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
             return hf_step(model, token.view(1, 1), torch.tensor([[position]], device=device), cache)  # (1, V)
     else:
-        cache = decoder.new_cache(cache_len)
-        if use_cuda_graph(spec, device):
-            from gqsa.engine.graph_step import GraphDecodeStep
-
-            graph_step = GraphDecodeStep(decoder, cache, capture=True)
+        if graph:
+            graph_step = graph_step_for(decoder, cache_len)  # captured once per decoder and cache length
+            cache = graph_step.cache
             step_name = "fused, cuda graph"
 
             def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
                 return graph_step(token, position)  # (1, V)
         else:
+            cache = decoder.new_cache(cache_len)
             fused_step = decoder.compiled_decode_one_token() if spec.compile else decoder.decode_one_token
 
             def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
@@ -302,6 +303,21 @@ def generate(
         streamer.end()
     return GenerationResult(tokens=tokens[:n].clone(), prompt_tokens=prompt_len, first_token_s=first - start,
                             decode_s=end - first, step=step_name)
+
+
+_GRAPH_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_step_for(decoder, cache_len: int):
+    """The decoder's GraphDecodeStep over a KV cache of ``cache_len`` tokens, made (and captured, on its first
+    call) once and reused by later generations, as gpt-fast keeps its graph: a new sequence overwrites the cache
+    from position 0 and the step masks every position after its own, so nothing needs clearing."""
+    from gqsa.engine.graph_step import GraphDecodeStep
+
+    steps = _GRAPH_STEPS.setdefault(decoder, {})
+    if cache_len not in steps:
+        steps[cache_len] = GraphDecodeStep(decoder, decoder.new_cache(cache_len), capture=True)
+    return steps[cache_len]
 
 
 def use_cuda_graph(spec: GenerationSpec, device: torch.device) -> bool:
