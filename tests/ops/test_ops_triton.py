@@ -9,6 +9,7 @@ with no kept group, 0% and 100% kept, rows shared by many programs (the partial 
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -157,6 +158,29 @@ def test_leading_dimensions_and_a_non_contiguous_x():
     _check(_x(0, p.in_features), p, "triton")  # no rows
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_long_prompts_dequantize_exactly_then_multiply_densely(bits):
+    """From PREFILL_DENSE_MIN_M rows: the dense weight is dequantize_bsr's bit for bit, and the product is the
+    reference's (the same weight through the same matmul on CPU tensors)."""
+    from gqsa.format.packed import dequantize_bsr
+
+    for group_size in GROUP_SIZES:
+        for symmetric in (False, True):
+            p = _packed(bits, group_size, symmetric, seed=bits + group_size)
+            for dtype in (torch.float32, torch.float16):
+                got = gpu.dequantize_dense(p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point,
+                                           p.out_features, p.in_features, group_size, bits, dtype)
+                want = dequantize_bsr(p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point,
+                                      p.out_features, p.in_features, group_size, bits, dtype)
+                assert torch.equal(got, want), (group_size, symmetric, dtype)
+    p = _packed(bits, 16, False)
+    bias = torch.randn(N).to(DEVICE)
+    for m in (gpu.PREFILL_DENSE_MIN_M, gpu.PREFILL_DENSE_MIN_M + 7):
+        got = _check(_x(m, p.in_features, seed=m), p, "triton", bias)
+        if not CUDA:
+            assert torch.equal(got, packed_linear(_x(m, p.in_features, seed=m), p, bias, backend="reference"))
+
+
 def test_decode_limit_is_checked():
     p = _packed(4, 16, True)
     with pytest.raises(ValueError, match="decode_max_m"):
@@ -212,7 +236,7 @@ print(len(compiled.asm["cubin"]))
 
 
 @pytest.mark.parametrize("case", ["decode-w4g16-m1", "decode-w3g8-m16-rows", "prefill-fp16-w4g16",
-                                  "prefill-bf16-w3g8-bias"])
+                                  "prefill-bf16-w3g8-bias", "dequantize-bf16-w4g16", "dequantize-fp16-w3g32"])
 def test_kernels_compile_for_sm90(case):
     """Triton's own ptxas compiles for an H100 without a GPU, in a process without the interpreter."""
     import json
@@ -224,16 +248,19 @@ def test_kernels_compile_for_sm90(case):
     if not os.path.exists(ptxas):
         pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
     xdt = "bf16" if "bf16" in case else "fp16"
-    bits, gs = (3, 8) if "w3g8" in case else (4, 16)
+    bits, gs = map(int, re.search(r"w(\d+)g(\d+)", case).groups())
     pointers = {"x_ptr": f"*{xdt}", "y_ptr": f"*{xdt}", "bias_ptr": f"*{xdt}", "crow_ptr": "*i32",
                 "col_ptr": "*i16", "values_ptr": "*i32" if bits in (2, 4, 8) and case.startswith("decode") else "*u8",
                 "scale_ptr": "*fp16", "zero_ptr": "*u8", "partial_ptr": "*fp32", "counter_ptr": "*i32",
-                "position_ptr": "*i32"}
+                "position_ptr": "*i32", "w_ptr": f"*{xdt}"}
     common = dict(BITS=bits, GS=gs, HAS_ZERO=True, HAS_BIAS="bias" in case)
     if case.startswith("decode"):
         spec = dict(kernel="decode_kernel", options={"num_warps": 4}, constexprs=dict(
             common, WORDS=bits in (2, 4, 8), TASK="rows" not in case, BLOCK_M=16 if "m16" in case else 1,
             BLOCK_R=gpu.ROWS_PER_BLOCK, BLOCK_G=gpu.DECODE_CODES // gs, FAN=gpu.SEARCH_FAN))
+    elif case.startswith("dequantize"):
+        spec = dict(kernel="dequantize_kernel", options={"num_warps": 4}, constexprs=dict(
+            BITS=bits, GS=gs, HAS_ZERO=True, BLOCK_R=gpu.DEQUANT_BLOCK_R, BLOCK_G=gpu.DEQUANT_CODES // gs))
     else:
         spec = dict(kernel="prefill_kernel", options={"num_warps": 4, "num_stages": 2}, constexprs=dict(
             common, GPS=max(1, gpu.PREFILL_MIN_K // gs), BLOCK_M=64, BLOCK_N=gpu.PREFILL_BLOCK_N, IEEE=False))

@@ -7,7 +7,9 @@ backends. The kernels are in gqsa.ops.triton_kernels, imported lazily (on the fi
   ``PROGRAMS_PER_SM`` programs per multiprocessor, at most one per kept group (or row).
 * larger M (prefill): ``prefill_kernel``, tiles of dequantized groups into ``tl.dot``, located through a
   (rows, column groups) map of kept-group positions built for the call (``group_positions``: 4 bytes per group
-  of the dense matrix, transient).
+  of the dense matrix, transient);
+* from ``PREFILL_DENSE_MIN_M`` rows (long prompts): the dense weight in x's dtype (``dequantize_kernel``, a
+  transient out_features x in_features buffer) multiplied by cuBLAS.
 
 With ``TRITON_INTERPRET=1`` in the environment before the first call, the kernels run on CPU tensors through
 Triton's interpreter (slow; for tests on small shapes) and both backends also accept the ``cpu`` device type, at
@@ -40,6 +42,13 @@ SEARCH_FAN = 32  # row pointers loaded per step of the decode kernel's search fo
 ROWS_PER_BLOCK = 4  # rows the decode kernel reduces together
 DECODE_CODES = 512  # codes per row and step of the decode kernel: BLOCK_G = DECODE_CODES // group_size
 PREFILL_BLOCK_N = 64
+# From this many rows of x: the dense weight in x's dtype (``dequantize_kernel``, a transient N x K buffer) and
+# cuBLAS. Below it, the tl.dot prefill kernel, which measured about 9x slower than cuBLAS fp16 at M = 128 on an
+# H200 (MEASURED-H200.md section 2). Not yet measured against it; benchmarks/gpu_check.sh's end-to-end step
+# times the prefill.
+PREFILL_DENSE_MIN_M = 64
+DEQUANT_BLOCK_R = 16
+DEQUANT_CODES = 1024  # codes per row and program of dequantize_kernel: BLOCK_G = DEQUANT_CODES // group_size
 PREFILL_MIN_K = 32  # the prefill kernel's k step (a multiple of group_size) is at least this
 
 
@@ -163,6 +172,9 @@ def triton_linear(
     zero_nbytes = 0 if zero_point is None else zero_point.numel()
     bias_arg = y if bias is None else bias.contiguous()
     common = dict(BITS=bits, GS=group_size, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None)
+    if m >= PREFILL_DENSE_MIN_M and m > decode_max_m:
+        weight = dequantize_dense(crow, col, values, scale, zero_point, n, in_features, group_size, bits, x.dtype)
+        return torch.nn.functional.linear(x2, weight, bias).reshape(*lead, n)
     if m <= decode_max_m:
         block_m = _pow2_at_least(m)
         programs = max(1, min(num_programs or default_programs(x.device), nnz if task else n))
@@ -185,6 +197,24 @@ def triton_linear(
             y.stride(0), GPS=max(1, PREFILL_MIN_K // group_size), BLOCK_M=block_m, BLOCK_N=block_n,
             IEEE=x.dtype == torch.float32, **common)
     return y.reshape(*lead, n)
+
+
+def dequantize_dense(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                     scale: torch.Tensor, zero_point: torch.Tensor | None, out_features: int, in_features: int,
+                     group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(out_features, in_features) weight in ``dtype`` on the packed tensors' device: ``dequantize_bsr`` bit for
+    bit, in one Triton kernel over a (rows, column groups) map of kept-group positions (contiguous tensors)."""
+    n, g_count = out_features, in_features // group_size
+    weight = torch.empty(n, in_features, dtype=dtype, device=values.device)
+    positions = group_positions(crow_indices, col_indices, n, g_count)
+    block_g = max(1, min(_pow2_at_least(g_count), DEQUANT_CODES // group_size))
+    grid = (triton_cdiv(n, DEQUANT_BLOCK_R), triton_cdiv(g_count, block_g))
+    zero = scale if zero_point is None else zero_point.contiguous()  # any pointer when symmetric
+    _kernels().dequantize_kernel[grid](
+        weight, positions, values.contiguous(), scale.contiguous(), zero, n, in_features,
+        0 if zero_point is None else zero_point.numel(), BITS=bits, GS=group_size, HAS_ZERO=zero_point is not None,
+        BLOCK_R=DEQUANT_BLOCK_R, BLOCK_G=block_g)
+    return weight
 
 
 def triton_cdiv(a: int, b: int) -> int:

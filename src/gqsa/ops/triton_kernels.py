@@ -19,6 +19,9 @@ order of the float32 accumulation differs from the reference's matmul.
   not depend on which program finishes last, so it is deterministic, and no program ever waits for another.
 * Row split (``TASK=False``, data-centric, for comparison): program p takes rows [p*N/P, (p+1)*N/P).
 
+``dequantize_kernel`` (long prompts, M >= ``PREFILL_DENSE_MIN_M`` in gqsa.ops.gpu): the dense weight in x's dtype,
+for ``torch.nn.functional.linear`` (cuBLAS) to multiply.
+
 ``prefill_kernel`` (larger M): one program per (BLOCK_M x BLOCK_N) output tile walks the column groups in steps of
 GPS groups. A (rows, column groups) map of kept-group positions, built per call (``group_positions`` in
 gqsa.ops.gpu), tells it where each group is; a step gathers the kept groups (zeros for pruned ones) into a dense
@@ -277,3 +280,30 @@ def prefill_kernel(x_ptr, y_ptr, bias_ptr, position_ptr, values_ptr, scale_ptr, 
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def dequantize_kernel(w_ptr, position_ptr, values_ptr, scale_ptr, zero_ptr, N, K, zero_nbytes,
+                      BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
+    """The dense weight w (N, K) in w's dtype, every element written (0 where pruned), exactly as
+    ``dequantize_bsr``: float32 ``(code - zero_point) * scale`` rounded to w's dtype.
+
+    position_ptr: (N, K // GS) int32 kept-group index, -1 where pruned (``group_positions``).
+    Grid (cdiv(N, BLOCK_R), cdiv(K // GS, BLOCK_G)).
+    """
+    NBYTES: tl.constexpr = GS * BITS // 8
+    G = K // GS
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (R,)
+    cols = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)  # (BG,) column groups
+    inside = (rows < N)[:, None] & (cols < G)[None, :]  # (R, BG)
+    pos = tl.load(position_ptr + rows[:, None] * G + cols[None, :], mask=inside, other=-1).to(tl.int64)
+    hit = pos >= 0
+    s = tl.load(scale_ptr + pos, mask=hit, other=0.0).to(tl.float32)
+    z = _group_zero(zero_ptr, pos, hit, zero_nbytes, BITS, HAS_ZERO)
+    c = tl.arange(0, GS)
+    base = pos[:, :, None] * NBYTES  # (R, BG, 1)
+    q = _codes(values_ptr, base, c[None, None, :], hit[:, :, None], base + NBYTES, BITS)  # (R, BG, GS)
+    w = tl.where(hit[:, :, None], (q.to(tl.float32) - z[:, :, None]) * s[:, :, None], 0.0)
+    offs = rows[:, None, None] * K + cols[None, :, None] * GS + c[None, None, :]
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=inside[:, :, None])
