@@ -176,6 +176,17 @@ def test_uneven_rows_one_row_one_group_one_column():
     _check(_x(3, 16), one_group)
 
 
+def test_rows_longer_than_one_step():
+    """Widths above BLOCK_S: a program walks its slice in several steps (above WIDE_INPUT inputs, one row per
+    slice)."""
+    for groups in (gpu_a8.MAX_BLOCK_S * 2 + 9, gpu_a8.WIDE_INPUT // 16 + 18):
+        gen = torch.Generator().manual_seed(groups)
+        mask = torch.rand(5, groups, generator=gen) < 0.9
+        mask[2] = True
+        p = _to(quantize_to_packed(torch.randn(5, groups * 16, generator=gen), mask, 4, 16))
+        _check(_x(2, p.in_features), p)
+
+
 def test_16_bit_activations_with_bias_leading_dims_and_a_non_contiguous_x():
     p = _packed(4, 16)
     dtypes = (torch.float16, torch.bfloat16) if CUDA else (torch.float16,)  # no bfloat16 in the interpreter

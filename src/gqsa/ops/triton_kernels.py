@@ -1,4 +1,4 @@
-"""Triton kernels for ``gqsa::linear`` on the packed format (docs/FORMAT.md); launched by gqsa.ops.cuda.
+"""Triton kernels for ``gqsa::linear`` on the packed format (docs/FORMAT.md); launched by gqsa.ops.gpu.
 
 This module imports triton at the top and is itself imported only lazily, on the first Triton call. Under
 ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors through Triton's
