@@ -125,10 +125,11 @@ EOF
 
 # 2. Correctness on the GPU: the Triton kernels' tests, the a8 kernel's where they exist, the benchmarks' tests.
 step_tests() {
-    local files=(tests/ops/test_ops_triton.py)
+    # the newest code first: a timeout cuts the end of the list
+    local files=()
     [ -f tests/ops/test_ops_triton_a8.py ] && files+=(tests/ops/test_ops_triton_a8.py)
     [ -f tests/engine/test_engine_graph_step.py ] && files+=(tests/engine/test_engine_graph_step.py)
-    files+=(tests/bench)
+    files+=(tests/ops/test_ops_triton.py tests/bench)
     x "$PY" -m pytest -q -p no:cacheprovider --durations=15 --junitxml="$DIR/tests.xml" "${files[@]}"
 }
 

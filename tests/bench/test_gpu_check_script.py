@@ -4,6 +4,7 @@ a stand-in that plays each step's part (the runner's results, logs and summary),
 (benchmarks/gpu_ncu_driver.py under Triton's interpreter, benchmarks/gpu_e2e.py on a tiny model with the native CPU
 backend)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -142,7 +143,7 @@ def test_ncu_driver_help_and_a_cpu_run_under_the_interpreter():
 def test_e2e_help_and_its_report_on_a_tiny_model_on_the_cpu(tmp_path):
     script = ROOT / "benchmarks" / "gpu_e2e.py"
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert helped.returncode == 0 and "--backends" in helped.stdout and "--new-tokens" in helped.stdout
+    assert helped.returncode == 0 and all(f in helped.stdout for f in ("--backends", "--new-tokens", "--candidates"))
     from gqsa.ops import available_backends
 
     if "cpu" not in available_backends("cpu"):
@@ -155,11 +156,84 @@ def test_e2e_help_and_its_report_on_a_tiny_model_on_the_cpu(tmp_path):
     assert ran.returncode == 0, ran.stderr
     report = json.loads(out.read_text())
     rows = {r["candidate"]: r for r in report["results"]}
-    assert list(rows) == ["dense-fp32", "gqsa-cpu"]
+    # every candidate is listed: measured, or skipped with the reason (in the row and in the notes)
+    assert list(rows) == ["dense-fp32", "hf-generate-fp32", "torch-int4-g128", "gqsa-cpu", "gqsa-no-such-backend"]
+    measured = {n: r for n, r in rows.items() if "skipped" not in r}
+    assert list(measured) == ["dense-fp32", "hf-generate-fp32", "gqsa-cpu"]
     assert rows["dense-fp32"]["speedup_vs_dense"] == 1.0 and rows["gqsa-cpu"]["backend"] == "cpu"
-    for r in rows.values():
+    for r in measured.values():
+        assert "error" not in r
         assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and len(r["tokens"]) == 4 and len(r["ttft_ms_runs"]) == 2
-        assert r["peak_gpu_mib"] is None and r["step"] == "fused"
-    assert rows["gqsa-cpu"]["model_mib"] < rows["dense-fp32"]["model_mib"]
-    assert report["notes"] == ["backend no-such-backend skipped: not offered by gqsa.ops for cpu here"]
-    assert "| gqsa-cpu | fused |" in md.read_text()
+        assert r["peak_gpu_mib"] is None and r["peak_gpu_vs_dense"] is None
+        assert r["speedup_vs_dense"] > 0 and r["ttft_vs_dense"] > 0
+    assert rows["dense-fp32"]["step"] == rows["gqsa-cpu"]["step"] == "fused"
+    hf = rows["hf-generate-fp32"]
+    assert hf["step"].startswith("transformers generate") and hf["loop"] == "transformers generate"
+    assert hf["reference"] == "dense-fp32" and 0 <= hf["leading_tokens_equal_to_dense"] <= 4
+    assert hf["model_mib"] == rows["dense-fp32"]["model_mib"] > rows["gqsa-cpu"]["model_mib"]
+    assert "CUDA kernel" in rows["torch-int4-g128"]["skipped"]
+    skipped = ("torch-int4-g128", "gqsa-no-such-backend")
+    assert report["notes"] == [f"{n} skipped: {rows[n]['skipped']}" for n in skipped]
+    assert rows["gqsa-no-such-backend"]["skipped"] == "backend no-such-backend not offered by gqsa.ops for cpu here"
+    text = md.read_text()
+    assert "| gqsa-cpu | fused |" in text and "| hf-generate-fp32 | transformers generate" in text
+    assert "| torch-int4-g128 | skipped: " in text
+
+
+def _gpu_e2e():
+    """benchmarks/gpu_e2e.py as a module (registered, as its dataclass needs)."""
+    if "gpu_e2e" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_e2e", ROOT / "benchmarks" / "gpu_e2e.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_e2e"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_e2e"]
+
+
+def test_e2e_candidates_are_chosen_by_kind_or_name():
+    e2e = _gpu_e2e()
+    names = [c.name for c in e2e.all_candidates("float16", ["triton", "triton-a8"])]
+    assert names == ["dense-fp16", "hf-generate-fp16", "torch-int4-g128", "gqsa-triton", "gqsa-triton-a8"]
+    args = e2e.parse_args(["--candidates", "torch-int4,gqsa-triton-a8"])
+    assert args.candidates == ["torch-int4", "gqsa-triton-a8"]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--candidates", "dense,no-such-candidate"])
+
+
+def test_e2e_a_failed_cuda_graph_is_noted_and_measured_without_one(monkeypatch):
+    """On CUDA, a generation that fails through the CUDA graph is tried again with cuda_graph=False (a stand-in
+    generation and device here: no GPU needed)."""
+    import torch
+
+    e2e = _gpu_e2e()
+    graphs = []
+
+    def once(model, prompt, spec):
+        graphs.append(spec.cuda_graph)
+        if spec.cuda_graph is None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return {"tokens": torch.tensor([1, 2]), "first_token_s": 0.01, "decode_tok_s": 100.0, "prefill_tok_s": 8e2,
+                "step": "fused"}
+
+    monkeypatch.setattr(e2e, "gqsa_generate_once", once)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 << 20)
+
+    class Prompt:
+        shape = (1, 8)
+
+        def to(self, device):
+            return self
+
+    cuda = type("Device", (), {"type": "cuda"})()
+    args, notes = e2e.parse_args(["--repeats", "2"]), []
+    int4 = e2e.Candidate("torch-int4", "torch-int4-g128")
+    row = e2e.measure(int4, torch.nn.Linear(2, 2), Prompt(), args, cuda, 1 << 20, notes)
+    assert graphs == [None, False, False, False] and row["step"] == "fused" and row["peak_gpu_mib"] == 2.0
+    assert "stream is capturing" in row["cuda_graph_failure"]
+    assert notes == ["torch-int4-g128: generation through the CUDA graph failed (RuntimeError: operation not "
+                     "permitted when stream is capturing); measured with cuda_graph=False"]
+    monkeypatch.setattr(e2e, "gqsa_generate_once", lambda *a: (_ for _ in ()).throw(ValueError("no kernel")))
+    with pytest.raises(RuntimeError, match="no kernel; with cuda_graph=False: ValueError: no kernel"):
+        e2e.measure(int4, torch.nn.Linear(2, 2), Prompt(), args, cuda, 0, [])

@@ -192,22 +192,38 @@ def dense_candidates(weight: torch.Tensor, cold_bytes: int) -> list[Candidate]:
     return out
 
 
+def pack_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (N, K) packed for torch's int4 CUDA kernel (tinygemm), on the weight's device: asymmetric
+    min-max int4 codes in groups of ``group_size`` along K (``int4_codes_and_scales``), as (N, K / 2) uint8 (even
+    column in the high nibble) through ``_convert_weight_to_int4pack(w, inner_k_tiles)``.
+
+    Returns:
+        (packed, scales_and_zeros (K / group_size, N, 2) bf16) for ``_weight_int4pack_mm(x bf16 (M, K), packed,
+        group_size, scales_and_zeros)``, which gives (M, N) bf16.
+
+    Raises:
+        ValueError: K not a multiple of ``group_size`` or of 32; whatever torch raises where it has no such
+            kernel for this build or device.
+    """
+    k = weight.shape[1]
+    if k % group_size:
+        raise ValueError(f"in_features is not a multiple of {group_size}")
+    inner = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+    if inner is None:
+        raise ValueError("in_features is not a multiple of 32")
+    codes, szs = int4_codes_and_scales(weight, group_size)  # (N, K) int32, (K/gs, N, 2) bf16
+    nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # (N, K/2)
+    return torch.ops.aten._convert_weight_to_int4pack(nibbles, inner), szs
+
+
 def int4_candidate(weight: torch.Tensor, cold_bytes: int, notes: list[str],
                    group_size: int = INT4_GROUP_SIZE) -> list[Candidate]:
-    """torch's int4 CUDA kernel (tinygemm): ``_weight_int4pack_mm(x bf16 (M, K), packed, group_size,
-    scales_and_zeros (K / group_size, N, 2) bf16)``, the weight packed from (N, K / 2) uint8 (even column in the
-    high nibble) by ``_convert_weight_to_int4pack(w, inner_k_tiles)``. Skipped with a note where it raises."""
+    """torch's int4 CUDA kernel (tinygemm) on ``weight`` packed by ``pack_int4``. Skipped with a note where it
+    raises."""
     name = f"torch-int4-g{group_size}"
-    n_out, k = weight.shape
+    k = weight.shape[1]
     try:
-        if k % group_size:
-            raise ValueError(f"in_features is not a multiple of {group_size}")
-        inner = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
-        if inner is None:
-            raise ValueError("in_features is not a multiple of 32")
-        codes, szs = int4_codes_and_scales(weight, group_size)  # (N, K) int32, (K/gs, N, 2) bf16
-        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # (N, K/2)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner)
+        packed, szs = pack_int4(weight, group_size)
         torch.ops.aten._weight_int4pack_mm(torch.zeros(1, k, dtype=torch.bfloat16, device=weight.device), packed,
                                            group_size, szs)
     except Exception as exc:  # noqa: BLE001 - any failure means "not available for this torch, device or shape"

@@ -195,6 +195,9 @@ class FusedDecoder:
         self.lm_head = _linear_fn(parts.lm_head)
         self._cos = self._sin = torch.empty(0, 1, self.head_dim, dtype=self.dtype, device=self.device)
         self._compiled = None
+        # CUDA graphs of the decode step by cache length (gqsa.engine.generate.graph_step_for): they go with the
+        # decoder, and the decoder with its model
+        self.graph_steps: dict[int, object] = {}
 
     # ---- cache and rotary tables ---------------------------------------------------------------------------
     def check_length(self, tokens: int) -> None:

@@ -26,7 +26,6 @@ import functools
 import logging
 import math
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -305,16 +304,14 @@ def generate(
                             decode_s=end - first, step=step_name)
 
 
-_GRAPH_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def graph_step_for(decoder, cache_len: int):
     """The decoder's GraphDecodeStep over a KV cache of ``cache_len`` tokens, made (and captured, on its first
     call) once and reused by later generations, as gpt-fast keeps its graph: a new sequence overwrites the cache
-    from position 0 and the step masks every position after its own, so nothing needs clearing."""
+    from position 0 and the step masks every position after its own, so nothing needs clearing. Kept on the
+    decoder itself, so the graphs and caches go with it (when its model goes)."""
     from gqsa.engine.graph_step import GraphDecodeStep
 
-    steps = _GRAPH_STEPS.setdefault(decoder, {})
+    steps = decoder.graph_steps
     if cache_len not in steps:
         steps[cache_len] = GraphDecodeStep(decoder, decoder.new_cache(cache_len), capture=True)
     return steps[cache_len]
