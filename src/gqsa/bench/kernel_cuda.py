@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gqsa.bench.kernel import (
+from gqsa.bench.kernel_common import (
     MIB,
     Candidate,
     copies_needed,

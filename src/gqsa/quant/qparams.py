@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from gqsa.quant.levels import qmax, symmetric_zero_point
+from gqsa.quant.quantize import dequantize, quantize
+
+__all__ = ["group_qparams", "minmax_qparams", "mse_qparams", "qmax", "range_qparams", "round_scale_fp16",
+           "symmetric_zero_point"]
+
 # fp16 range: the smallest positive subnormal and the largest finite value.
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = 65504.0
-
-
-def qmax(bits: int) -> int:
-    """Largest code value for ``bits``."""
-    return (1 << bits) - 1
-
-
-def symmetric_zero_point(bits: int) -> int:
-    """The fixed zero point of symmetric quantization, 2**(bits-1)."""
-    return 1 << (bits - 1)
 
 
 def round_scale_fp16(scale: torch.Tensor) -> torch.Tensor:
@@ -101,8 +97,6 @@ def mse_qparams(
     Returns:
         scale (...), zero_point (...), float32.
     """
-    from gqsa.quant.quantize import dequantize, quantize
-
     if grid < 1 or not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"mse_qparams: need grid >= 1 and 0 <= max_shrink < 1, got {grid}, {max_shrink}")
     g32 = groups.float()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gqsa.quant.qparams import qmax
+from gqsa.quant.levels import qmax
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
