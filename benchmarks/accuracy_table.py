@@ -75,7 +75,7 @@ ROWS: dict[str, tuple[str | None, dict, str]] = {
 
 def resolve(row: str, calib_samples: int, seq_len: int):
     """The CompressConfig of a row (None for the dense reference)."""
-    from gqsa.config import preset
+    from gqsa.presets import preset
 
     name, overrides, _ = ROWS[row]
     if name is None:

@@ -70,7 +70,7 @@ class Grid:
         sparsity: fractions of groups pruned, each in [0, 1) (0 is GPTQ with groups).
         bits: code widths (gqsa.config.SUPPORTED_BITS).
         group_size: group sizes (powers of two, 8..256).
-        baselines: preset names (gqsa.config.PRESETS), compressed with the same calibration.
+        baselines: preset names (gqsa.presets.PRESETS), compressed with the same calibration.
         calib_dataset, calib_samples, calib_seq_len: the calibration of every point.
         bqpo_epochs, e2e_epochs: training after the one-shot step (0: one-shot); BQPO applies to every
             calibrated method, E2E-OQP to method "gqsa" only.
@@ -89,7 +89,8 @@ class Grid:
     dense: bool = True
 
     def __post_init__(self) -> None:
-        from gqsa.config import PRESETS, SUPPORTED_BITS, QuantSpec
+        from gqsa.config import SUPPORTED_BITS, QuantSpec
+        from gqsa.presets import PRESETS
 
         for name in ("sparsity", "bits", "group_size", "baselines"):
             values = getattr(self, name)
@@ -125,7 +126,7 @@ class Grid:
         A baseline whose configuration equals a grid point's (``measurement_key``) is left out: it is measured once,
         under the grid point's name.
         """
-        from gqsa.config import preset
+        from gqsa.presets import preset
 
         out = [Point("dense", "dense", None)] if self.dense else []
         seen: set[str] = set()

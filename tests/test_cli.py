@@ -96,7 +96,7 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
         (("--bits", 5), "bits must be one of"),
         (("--preset", "w9s99"), "unknown preset"),
         (("--pattern", "2:4"), "method 'gqsa' prunes whole groups"),
-        (("--preset", "2of4-sparsegpt", "--bits", "4"), "leaves the kept weights in float; --bits"),
+        (("--preset", "2of4-sparsegpt", "--bits", "4"), "leaves the kept weights in float; bits (--bits)"),
         (("--preset", "s50-wanda", "--pattern", "3:4", "--sparsity", "0.5"), "ratio must be 0.25"),
         (("--activation-budget-mb", "-1"), "--activation-budget-mb must be >= 0"),
         (("--bqpo-epochs", "-1"), "BQPOSpec.epochs"),

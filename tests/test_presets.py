@@ -6,7 +6,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 import gqsa
 from gqsa.compress import compress_model
-from gqsa.config import PRESETS
+from gqsa.presets import PRESETS
 from gqsa.models.checkpoints import save_pruned
 from gqsa.models.surgery import packed_layers
 from gqsa.models.loading import load_model

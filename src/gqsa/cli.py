@@ -7,11 +7,9 @@ import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from gqsa.utils import jsonio
@@ -29,7 +27,8 @@ def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, DEFAULT_PRESET, PRESETS, QPARAM_METHODS, SALIENCIES
+    from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, QPARAM_METHODS, SALIENCIES
+    from gqsa.presets import DEFAULT_PRESET, PRESETS
     from gqsa.eval.tasks import TASKS
     from gqsa.eval.zeroshot import DEFAULT_BATCH_SIZE
 
@@ -127,63 +126,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _override(spec, **values):
-    """``spec`` with the fields given on the command line (not None) replaced, validated again."""
-    return spec.replace(**{k: v for k, v in values.items() if v is not None})
-
-
 def _resolve_compress_config(args):
-    from gqsa.config import QuantSpec, fast, parse_nm, preset
+    from gqsa.presets import resolve_config
 
-    cfg = preset(args.preset)
-    if args.fast:
-        cfg = fast(cfg)
-    ratio = args.sparsity
-    nm = parse_nm(args.pattern)
-    if nm is not None and ratio is None:
-        ratio = 1 - nm[0] / nm[1]  # an N:M pattern fixes the ratio
-    sparsity = _override(cfg.sparsity, ratio=ratio, allocation=args.allocation, pattern=args.pattern)
-    quant_flags = {"bits": args.bits, "group_size": args.group_size, "qparam_method": args.qparams,
-                   "symmetric": True if args.symmetric else None}
-    if sparsity.pattern == "group":
-        quant = _override(cfg.quant or QuantSpec(), **quant_flags)
-    else:
-        given = sorted(f"--{k.replace('_', '-')}" for k, v in quant_flags.items() if v is not None)
-        if given:
-            raise ValueError(f"pattern {sparsity.pattern!r} leaves the kept weights in float; {', '.join(given)} "
-                             "do(es) not apply")
-        quant = None
-    method = args.method or cfg.method
-    # The training a preset brings applies to the methods that support it (flags asking for it still apply).
-    bqpo, e2e = cfg.bqpo, cfg.e2e
-    if method == "magnitude" and args.bqpo_epochs is None:
-        bqpo = bqpo.replace(epochs=0)
-    if method != "gqsa" and args.e2e_epochs is None:
-        e2e = e2e.replace(epochs=0)
-    return cfg.replace(
-        method=method,
-        quant=quant,
-        sparsity=sparsity,
-        calib=_override(cfg.calib, dataset=args.calib_dataset, samples=args.calib_samples, seq_len=args.seq_len,
-                        seed=args.seed),
-        oneshot=_override(cfg.oneshot, saliency=args.saliency, damp=args.damp),
-        bqpo=_override(bqpo, epochs=args.bqpo_epochs, lr_weight=args.bqpo_lr_weight,
-                       lr_qparams=args.bqpo_lr_qparams),
-        e2e=_override(e2e, epochs=args.e2e_epochs, lr=args.e2e_lr,
-                      train_zero_point=True if args.e2e_zero_point else None),
-    )
+    return resolve_config(
+        args.preset, args.fast, method=args.method, bits=args.bits, group_size=args.group_size,
+        sparsity=args.sparsity, allocation=args.allocation, pattern=args.pattern,
+        symmetric=True if args.symmetric else None, qparams=args.qparams, saliency=args.saliency, damp=args.damp,
+        calib_dataset=args.calib_dataset, calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
+        bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight, bqpo_lr_qparams=args.bqpo_lr_qparams,
+        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_zero_point=True if args.e2e_zero_point else None)
 
 
 def _activation_budget_bytes(mb: int | None) -> int:
     """``mb`` MiB, or a quarter of the machine's physical memory when not given."""
-    if mb is not None:
-        if mb < 0:
-            raise ValueError(f"--activation-budget-mb must be >= 0, got {mb}")
-        return mb * 2**20
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    from gqsa.compress import default_activation_budget
+
+    if mb is None:
+        return default_activation_budget()
+    if mb < 0:
+        raise ValueError(f"--activation-budget-mb must be >= 0, got {mb}")
+    return mb * 2**20
 
 
 def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
@@ -200,85 +163,35 @@ def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
               chat=True, stream=False, compile=False, fused=None, cuda_graph=None):
     """Text generated after ``prompt`` by gqsa's decode loop (static KV cache), and the GenerationResult."""
-    from gqsa.engine import GenerationSpec, encode_prompt, eos_token_ids, generate
+    from gqsa.engine import GenerationSpec, generate_text
 
     spec = GenerationSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           compile=compile, fused=fused, cuda_graph=cuda_graph)
-    ids = encode_prompt(tokenizer, prompt, chat=chat)
     streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result = generate(model, ids, spec, eos_token_ids(model, tokenizer), streamer=streamer)
-    return tokenizer.decode(result.tokens, skip_special_tokens=True), result
+    return generate_text(model, tokenizer, prompt, spec, chat=chat, streamer=streamer)
 
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _input_paths(model: str | None) -> list[Path]:
-    """The files or directory the input model is read from (``--out`` must not replace them)."""
-    from gqsa.models.loading import default_model_path
-
-    return [default_model_path() if model is None else Path(model)]
-
-
-def _compress_into(args, config, out: Path) -> tuple[dict, bool]:
-    """Load, compress, evaluate and save into ``out`` (under the output's lock); returns (report, packed)."""
-    import gqsa
-    from gqsa.compress import calibration_ids, compress_model
-    from gqsa.models.checkpoints import model_summary, save_pruned
-    from gqsa.models.loading import load_model
-    from gqsa.models.outputs import resume_dir
-
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    dense = model_summary(model)["model_bytes"]
-    report = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
-    calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
-    if args.eval:
-        report["ppl_before"] = _ppl(model, tokenizer, args, prefix="eval_")
-    budget = _activation_budget_bytes(args.activation_budget_mb)
-    report["activation_budget_bytes"] = budget
-    resume = resume_dir(out) if config.bqpo.epochs else None
-    try:
-        report.update(compress_model(model, config, calib_ids=calib_ids, activation_budget_bytes=budget,
-                                     offload_dir=args.offload_dir, resume_dir=None if resume is None else str(resume)))
-    except BaseException:
-        if resume is not None and not any(resume.glob("block_*.json")):
-            shutil.rmtree(resume, ignore_errors=True)  # nothing finished: nothing to resume
-        elif resume is not None:
-            logger.warning("finished blocks are kept in %s: the same command resumes from them (delete it to start "
-                           "over)", resume)
-        raise
-    if args.eval:
-        report["ppl_after"] = _ppl(model, tokenizer, args, prefix="eval_")
-    if args.sample_prompt:
-        report["sample"] = {"prompt": args.sample_prompt,
-                            "completion": _generate(model, tokenizer, args.sample_prompt, 48)[0]}
-    report["dense_model_bytes"] = dense
-    packed = config.sparsity.pattern == "group"
-    extra = {"report.json": jsonio.dumps(report, indent=1) + "\n", "compress_config.json": config.to_json() + "\n"}
-    save = gqsa.save if packed else save_pruned
-    save(model, tokenizer, out, compression=config.to_dict(), overwrite=args.overwrite, extra_files=extra)
-    if resume is not None:
-        shutil.rmtree(resume, ignore_errors=True)
-    return report, packed
-
-
 def cmd_compress(args) -> int:
-    from gqsa.models.outputs import check_output_dir
-    from gqsa.utils.io import remove_stale_temporaries
-    from gqsa.utils.lock import OutputLock
+    from gqsa.compress import HeldoutSpec, run
 
     config = _resolve_compress_config(args)
-    out = check_output_dir(args.out, args.overwrite, inputs=_input_paths(args.model))  # before any work
-    with OutputLock(out):  # a second run on the same output fails here, naming this one
-        remove_stale_temporaries(out.parent)
-        check_output_dir(out, args.overwrite)  # again, now that no other run can be writing it
-        report, packed = _compress_into(args, config, out)
+    heldout = None
+    if args.eval:
+        heldout = HeldoutSpec(source=args.eval_text_file or args.eval_dataset or "wiki", seq_len=args.eval_seq_len,
+                              max_tokens=args.eval_max_tokens or None, batch_size=args.eval_batch_size)
+    out = Path(args.out)
+    budget = _activation_budget_bytes(args.activation_budget_mb)
+    report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,
+                 activation_budget_bytes=budget, offload_dir=args.offload_dir)
+    packed = config.sparsity.pattern == "group"
     if args.json:
         print(jsonio.dumps(report, indent=1))
         return 0

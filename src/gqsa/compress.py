@@ -1,4 +1,4 @@
-"""The compression pipeline: one call per stage, in order.
+"""The compression pipeline: one call per stage, in order; ``run`` does the whole job the CLI does.
 
     model -> check every layer fits the config -> [calibration windows] -> [allocation "model": a dense pass
     measures each layer's sensitivity and sets its share of the pruning] -> choose masks and quantize (the
@@ -6,13 +6,21 @@
     in GQSALinear (group pattern) or leave the pruned float weights in place (unstructured / N:M baselines)
     [-> E2E-OQP: train the scales end to end] -> report (per-layer errors, sparsity, bits per weight, time,
     memory)
+
+``run(out, "w4s50", model_dir, heldout=HeldoutSpec("wiki"))`` loads the model, compresses it, measures it and
+saves the checkpoint with ``report.json`` and the resolved ``compress_config.json``, under the output's lock and
+with resume state beside it (what ``gqsa compress`` does; the CLI calls it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -298,3 +306,131 @@ def compress_model(
         if value is not None:
             report[key] = value
     return report
+
+
+@dataclass(frozen=True)
+class HeldoutSpec:
+    """Held-out perplexity measured before and after compressing (``gqsa.eval.heldout.heldout_perplexity``):
+    ``source`` a packaged corpus name or a .txt/.jsonl path; ``max_tokens`` None scores all held-out tokens."""
+
+    source: str = "wiki"
+    seq_len: int = 2048
+    max_tokens: int | None = 16384
+    batch_size: int = 1
+
+
+def default_activation_budget() -> int:
+    """Bytes of calibration activations kept in memory when none is given: a quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def run(
+    out: str | Path,
+    config: CompressConfig | str = "w4s50",
+    model: str | Path | None = None,
+    *,
+    fast: bool = False,
+    overwrite: bool = False,
+    heldout: HeldoutSpec | None = None,
+    sample_prompt: str | None = None,
+    activation_budget_bytes: int | None = None,
+    offload_dir: str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """Compress ``model`` into the checkpoint directory ``out``: what ``gqsa compress`` does, from Python.
+
+    Args:
+        out: the output directory (must not exist unless ``overwrite``; never the input model).
+        config: a resolved CompressConfig, or a preset name (``gqsa.presets.PRESETS``) resolved with ``fast`` and
+            ``overrides`` (``gqsa.presets.Overrides``: bits, sparsity, calib_samples, bqpo_epochs, ...).
+        model: a Hugging Face model directory or .gguf file; None: the default model (SmolLM2-135M-Instruct).
+        heldout: measure held-out perplexity before and after (``report["ppl_before"]``, ``["ppl_after"]``).
+        sample_prompt: also generate 48 tokens after this prompt with the compressed model (``report["sample"]``).
+        activation_budget_bytes: calibration activations kept in memory (default: a quarter of physical memory);
+            the rest go to ``offload_dir``.
+
+    Returns:
+        The report, also saved as ``out/report.json`` beside ``out/compress_config.json``.
+
+    Raises:
+        ValueError: bad settings or an unusable ``out`` (checked before the model loads), a model the config does
+            not fit; FileExistsError: ``out`` exists and ``overwrite`` is False; gqsa.utils.lock.OutputLockedError:
+            another run writes ``out``. An interrupted BQPO run keeps
+            its finished blocks beside ``out``: the same call resumes from them.
+    """
+    from gqsa.models.loading import default_model_path
+    from gqsa.models.outputs import check_output_dir
+    from gqsa.presets import resolve_config
+    from gqsa.utils.io import remove_stale_temporaries
+    from gqsa.utils.lock import OutputLock
+
+    if isinstance(config, str):
+        config = resolve_config(config, fast, **overrides)
+    elif fast or overrides:
+        raise ValueError("fast and overrides apply to a preset name, not to a resolved CompressConfig")
+    inputs = [default_model_path() if model is None else Path(model)]
+    out = check_output_dir(out, overwrite, inputs=inputs)  # before any work
+    with OutputLock(out):  # a second run on the same output fails here, naming this one
+        remove_stale_temporaries(out.parent)
+        check_output_dir(out, overwrite)  # again, now that no other run can be writing it
+        return _run_locked(out, config, model, overwrite, heldout, sample_prompt,
+                           default_activation_budget() if activation_budget_bytes is None else activation_budget_bytes,
+                           offload_dir, progress)
+
+
+def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, heldout: HeldoutSpec | None,
+                sample_prompt: str | None, budget: int, offload_dir: str | None, progress: bool) -> dict:
+    """``run`` once the output is checked and locked: load, measure, compress, measure, save."""
+    import gqsa
+    from gqsa.models.checkpoints import save_pruned
+    from gqsa.models.loading import load_model
+    from gqsa.models.outputs import resume_dir
+    from gqsa.utils import jsonio
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(None if model_path is None else str(model_path))
+    dense = model_summary(model)["model_bytes"]
+    report = {"model": str(model_path or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
+    calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
+    if heldout is not None:
+        report["ppl_before"] = _heldout(model, tokenizer, heldout)
+    report["activation_budget_bytes"] = budget
+    resume = resume_dir(out) if config.bqpo.epochs else None
+    try:
+        report.update(compress_model(model, config, calib_ids=calib_ids, progress=progress,
+                                     activation_budget_bytes=budget, offload_dir=offload_dir,
+                                     resume_dir=None if resume is None else str(resume)))
+    except BaseException:
+        if resume is not None and not any(resume.glob("block_*.json")):
+            shutil.rmtree(resume, ignore_errors=True)  # nothing finished: nothing to resume
+        elif resume is not None:
+            logger.warning("finished blocks are kept in %s: the same command resumes from them (delete it to start "
+                           "over)", resume)
+        raise
+    if heldout is not None:
+        report["ppl_after"] = _heldout(model, tokenizer, heldout)
+    if sample_prompt:
+        from gqsa.engine import GenerationSpec, generate_text
+
+        report["sample"] = {"prompt": sample_prompt,
+                            "completion": generate_text(model, tokenizer, sample_prompt,
+                                                        GenerationSpec(max_new_tokens=48))[0]}
+    report["dense_model_bytes"] = dense
+    packed = config.sparsity.pattern == "group"
+    extra = {"report.json": jsonio.dumps(report, indent=1) + "\n", "compress_config.json": config.to_json() + "\n"}
+    save = gqsa.save if packed else save_pruned
+    save(model, tokenizer, out, compression=config.to_dict(), overwrite=overwrite, extra_files=extra)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)
+    return report
+
+
+def _heldout(model, tokenizer, spec: HeldoutSpec) -> dict:
+    from gqsa.eval.heldout import heldout_perplexity
+
+    return heldout_perplexity(model, tokenizer, spec.source, seq_len=spec.seq_len, max_tokens=spec.max_tokens,
+                              batch_size=spec.batch_size)

@@ -213,7 +213,7 @@ def test_a_damaged_resume_entry_is_recomputed_with_the_blocks_after_it(runs, one
 
 def test_float_baselines_with_bqpo_save_and_replay_their_blocks(tmp_path):
     """A method that prunes in float (no packed layer) has resume state too."""
-    from gqsa.config import preset
+    from gqsa.presets import preset
     from gqsa.models.adapter import compressible_linears
 
     gen = torch.Generator().manual_seed(0)
@@ -231,7 +231,7 @@ def test_float_baselines_with_bqpo_save_and_replay_their_blocks(tmp_path):
 
 @pytest.mark.parametrize("preset_name", ["2of4-sparsegpt", "s50-wanda"])
 def test_bqpo_reconstructs_float_baselines_with_their_masks_fixed(preset_name):
-    from gqsa.config import preset
+    from gqsa.presets import preset
     from gqsa.models.adapter import compressible_linears
 
     gen = torch.Generator().manual_seed(0)

@@ -81,7 +81,7 @@ def test_fp16_sparse_storage_accounting():
 @pytest.mark.parametrize("preset_name", ["2of4-sparsegpt", "s50-wanda", "2of4-magnitude"])
 def test_float_presets_prune_a_tiny_model_in_place(preset_name):
     from gqsa.compress import compress_model
-    from gqsa.config import preset
+    from gqsa.presets import preset
     from gqsa.models.adapter import compressible_linears
 
     model = tiny_model("llama")

@@ -57,7 +57,7 @@ def test_ablation_rows_exist_and_render():
 
 
 def test_gptq_rows_are_their_presets_with_the_group_size_changed():
-    from gqsa.config import preset
+    from gqsa.presets import preset
 
     for b in (2, 3, 4):
         cfg = table.resolve(f"gptq-w{b}g32", 8, 64)

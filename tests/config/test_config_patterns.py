@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from gqsa.config import PRESETS, CompressConfig, QuantSpec, SparsitySpec
+from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
+from gqsa.presets import PRESETS
 
 
 @pytest.mark.parametrize(("pattern", "nm"), [("group", None), ("unstructured", None), ("2:4", (2, 4)),
@@ -72,7 +73,7 @@ def test_the_issue_presets_exist():
 
 
 def test_gqsa_presets_train_and_baselines_stay_one_shot():
-    from gqsa.config import FAST_CALIB, fast
+    from gqsa.presets import FAST_CALIB, fast
 
     for r in (20, 30, 40, 50, 60):
         cfg = PRESETS[f"w4s{r}"]

@@ -17,7 +17,7 @@ import torch
 
 import gqsa
 from gqsa.compress import compress_model
-from gqsa.config import preset
+from gqsa.presets import preset
 from gqsa.eval.tasks import TASKS, Document, TaskSpec, load_documents
 from gqsa.eval.zeroshot import loglikelihoods, task_metrics
 from gqsa.models.loading import load_model

@@ -304,6 +304,15 @@ def generate(
                             decode_s=end - first, step=step_name)
 
 
+def generate_text(model: nn.Module, tokenizer, prompt: str, spec: GenerationSpec = GenerationSpec(),
+                  chat: bool = True, streamer=None) -> tuple[str, GenerationResult]:
+    """The text ``generate`` writes after ``prompt`` (the chat template applied when ``chat`` and the tokenizer
+    has one; special tokens dropped from the text), and the GenerationResult."""
+    ids = encode_prompt(tokenizer, prompt, chat=chat)
+    result = generate(model, ids, spec, eos_token_ids(model, tokenizer), streamer=streamer)
+    return tokenizer.decode(result.tokens, skip_special_tokens=True), result
+
+
 def graph_step_for(decoder, cache_len: int):
     """The decoder's GraphDecodeStep over a KV cache of ``cache_len`` tokens, made (and captured, on its first
     call) once and reused by later generations, as gpt-fast keeps its graph: a new sequence overwrites the cache
