@@ -231,13 +231,13 @@ def test_eval_seq_len_beyond_the_context_is_refused_before_the_text_is_read(caps
 ])
 def test_compress_seq_len_beyond_the_context_is_refused_before_any_work(capsys, monkeypatch, dense_dir, text_file,
                                                                         tmp_path, flags):
-    import gqsa.algorithms.blockwise as blockwise
+    import gqsa.algorithms.driver as driver
     import gqsa.eval.heldout as heldout
 
     def no_work(*args, **kwargs):
         raise AssertionError("calibration or evaluation started")
 
-    monkeypatch.setattr(blockwise, "capture_calibration_inputs", no_work)
+    monkeypatch.setattr(driver, "capture_calibration_inputs", no_work)
     monkeypatch.setattr(heldout, "perplexity", no_work)
     flags = [text_file if f == "TEXT" else f for f in flags]
     code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "out", "--calib-dataset", text_file,

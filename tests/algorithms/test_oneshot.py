@@ -170,7 +170,8 @@ def test_blockwise_compression_of_a_tiny_model_beats_magnitude():
 def test_blockwise_driver_feeds_compressed_outputs_to_the_next_block():
     from torch import nn
 
-    from gqsa.algorithms.blockwise import capture_calibration_inputs, compress_blockwise
+    from gqsa.algorithms.blockwise import compress_blockwise
+    from gqsa.algorithms.driver import capture_calibration_inputs
     from gqsa.models.adapter import decoder_layers
 
     model = tiny_model("llama")

@@ -1,10 +1,8 @@
-"""Sequential block-by-block calibration: capture each block's inputs, compress it, feed its outputs on.
+"""The one-shot step of a calibrated method on one block, and the block-wise one-shot compression.
 
-One explicit loop over decoder blocks. For block b: run it on the current inputs (the outputs of the already
-compressed blocks b-1, ..., 0) while hooks accumulate H = 2/n X^T X for each group of linear layers that read
-the same input; compress those layers; run the compressed block to produce the next block's inputs. Memory
-holds one block plus the calibration activations, and the activations past a budget live on disk
-(``ActivationStore``).
+For block b (the walk itself is ``gqsa.algorithms.driver.walk_blocks``): run it on its inputs (the outputs of the
+already compressed blocks b-1, ..., 0) while hooks accumulate H = 2/n X^T X for each group of linear layers that
+read the same input; compress those layers.
 """
 
 from __future__ import annotations
@@ -14,34 +12,17 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.driver import BlockWork, walk_blocks
 from gqsa.algorithms.hessian import HessianAccumulator
-from gqsa.models.adapter import block_linears, block_prefix, capture_block_inputs, decoder_layers, input_groups
+from gqsa.algorithms.resume import ResumeState
+from gqsa.models.adapter import block_linears, input_groups
 
 logger = logging.getLogger(__name__)
 
 # (full layer name, nn.Linear, H of its input) -> replacement module and a report dict
 CompressLinearFn = Callable[[str, nn.Linear, HessianAccumulator], tuple[nn.Module, dict]]
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def capture_calibration_inputs(
-    model: nn.Module, calib_ids: torch.Tensor, store: ActivationStore | None = None
-) -> tuple[ActivationStore, list[dict]]:
-    """First-block inputs of every calibration window (one (1, L, D) tensor each) and the per-block kwargs."""
-    store = ActivationStore() if store is None else store
-    block_kwargs = None
-    for i in range(calib_ids.shape[0]):
-        h, kw = capture_block_inputs(model, calib_ids[i : i + 1])
-        store.append(h)
-        block_kwargs = block_kwargs or kw  # identical for every window of the same length
-    return store, block_kwargs
 
 
 def check_finite_input(x: torch.Tensor, block_index: int | None, layer: str) -> None:
@@ -124,20 +105,6 @@ def compress_block_linears(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: ActivationStore, kwargs: dict, out: ActivationStore) -> ActivationStore:
-    """Append ``block``'s output on every window of ``hidden`` to ``out``; returns ``out``."""
-    for h in hidden:
-        out.append(_block_output(block(h, **kwargs)))
-    return out
-
-
-def store_factory(activation_budget_bytes: int | None, offload_dir: str | None, stores: int = 2):
-    """A function making ActivationStores that share ``activation_budget_bytes`` among ``stores`` live ones."""
-    share = None if activation_budget_bytes is None else activation_budget_bytes // stores
-    return lambda: ActivationStore(share, offload_dir)
-
-
-@torch.no_grad()
 def compress_blockwise(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -146,6 +113,8 @@ def compress_blockwise(
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
     desc: str = "compressing blocks",
+    device: torch.device | str | None = None,
+    resume: ResumeState | None = None,
 ) -> list[dict]:
     """Compress every decoder linear layer block by block with calibration inputs.
 
@@ -158,22 +127,17 @@ def compress_blockwise(
             together); beyond it they are written to ``offload_dir``. None = no limit.
         offload_dir: where spilled activations go (default: the system temporary directory).
         desc: progress bar label.
+        device: where each block is compressed (default: the model's device).
+        resume: finished blocks saved there, and replayed from there (``walk_blocks``).
 
     Returns:
         One report dict per compressed layer, in order.
     """
-    new_store = store_factory(activation_budget_bytes, offload_dir)
-    hidden, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store())
-    reports = []
-    try:
-        for b, block in enumerate(tqdm(decoder_layers(model), desc=desc, disable=not progress)):
-            stats = collect_block_hessians(block, hidden, block_kwargs[b], b, block_prefix(model, b))
-            reports += compress_block_linears(block, block_prefix(model, b), stats, compress_linear)
-            outputs = run_block(block, hidden, block_kwargs[b], new_store())
-            if outputs.spilled:
-                logger.info("block %d: %d of %d activation windows on disk", b, outputs.spilled, len(outputs))
-            hidden.close()
-            hidden = outputs
-    finally:
-        hidden.close()
-    return reports
+
+    def step(work: BlockWork) -> dict:
+        stats = collect_block_hessians(work.block, work.inputs, work.kwargs, work.index, work.prefix)
+        return {"layers": compress_block_linears(work.block, work.prefix, stats, compress_linear)}
+
+    records = walk_blocks(model, calib_ids, step, device=device, resume=resume, progress=progress, desc=desc,
+                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir)
+    return [layer for record in records for layer in record["layers"]]

@@ -26,23 +26,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from gqsa.algorithms.activations import ActivationStore
-from gqsa.algorithms.blockwise import (
-    CompressLinearFn,
-    _block_output,
-    capture_calibration_inputs,
-    collect_block_hessians,
-    compress_block_linears,
-    run_block,
-    store_factory,
-)
-from gqsa.algorithms.resume import ResumeEntryError, ResumeState
+from gqsa.algorithms.blockwise import CompressLinearFn, collect_block_hessians, compress_block_linears
+from gqsa.algorithms.driver import BlockWork, block_output, walk_blocks
+from gqsa.algorithms.resume import ResumeState
 from gqsa.algorithms.training import fit
 from gqsa.config import BQPOSpec
 from gqsa.models.surgery import set_submodule
-from gqsa.models.adapter import block_linears, block_prefix, block_projections, decoder_layers
+from gqsa.models.adapter import block_linears, block_projections
 from gqsa.nn.fake_quant import FakeQuantLinear
 from gqsa.nn.masked_linear import MaskedLinear
 from gqsa.nn.packed_linear import GQSALinear
@@ -68,7 +60,7 @@ def _swap(block: nn.Module, to_trainable: bool) -> None:
 
 
 def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(_block_output(block(x, **kwargs)).float(), y.float())
+    return F.mse_loss(block_output(block(x, **kwargs)).float(), y.float())
 
 
 def train_block(
@@ -113,8 +105,10 @@ def compress_blockwise_bqpo(
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
     resume: ResumeState | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """One-shot compression then BQPO, block by block (see the module docstring).
+    """One-shot compression then BQPO, block by block (see the module docstring; the walk, the resume state and
+    the device handling are ``gqsa.algorithms.driver.walk_blocks``'s).
 
     Args:
         compress_linear: the one-shot step for one layer (as for ``compress_blockwise``).
@@ -122,76 +116,40 @@ def compress_blockwise_bqpo(
         final_report: the report of one layer after training (name, dense weight, module, H).
         resume: where finished blocks are saved; blocks already there are checked and replayed instead of
             recomputed (a damaged entry is recomputed, with every later block).
+        device: where each block is compressed and trained (default: the model's device).
 
     Returns:
         (report per layer: errors after BQPO, and the one-shot errors as ``oneshot_*``; BQPO statistics per
         block).
     """
-    new_store = store_factory(activation_budget_bytes, offload_dir, stores=3)
-    q_in, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store())
-    fp_in = q_in  # block 0 sees the same inputs on both paths
-    reports, block_stats = [], []
-    try:
-        for b, block in enumerate(tqdm(decoder_layers(model), desc="compressing + BQPO", disable=not progress)):
-            kw = block_kwargs[b]
-            targets = run_block(block, fp_in, kw, new_store())
-            replayed = _replay(resume, b, block)
-            if replayed is not None:
-                reports += replayed["layers"]
-                block_stats.append(replayed["bqpo"])
-            else:
-                first = len(reports)
-                block_stats.append(_compress_and_train(block, block_prefix(model, b), b, kw, q_in, targets,
-                                                       compress_linear, spec, reports, final_report))
-                if resume is not None:
-                    resume.save(b, block_projections(block), {"layers": reports[first:], "bqpo": block_stats[-1]})
-            q_out = run_block(block, q_in, kw, new_store())
-            if fp_in is not q_in:
-                fp_in.close()
-            q_in.close()
-            fp_in, q_in = targets, q_out
-    finally:
-        q_in.close()
-        fp_in.close()
-    return reports, block_stats
 
+    def step(work: BlockWork) -> dict:
+        return _compress_and_train(work.block, work.prefix, work.index, work.kwargs, work.inputs, work.targets,
+                                   compress_linear, spec, final_report)
 
-def _replay(resume: ResumeState | None, b: int, block: nn.Module) -> dict | None:
-    """Swap block ``b``'s finished layers in from ``resume`` and return its record; None when there is no
-    trustworthy entry (a damaged one is discarded, with every later block's, and logged)."""
-    if resume is None or not resume.done(b):
-        return None
-    try:
-        layers, record = resume.load(b, device=next(block.parameters()).device)
-        missing = set(block_projections(block)) - set(layers)
-        if missing or not {"layers", "bqpo"} <= set(record):
-            raise ResumeEntryError(f"{resume.directory}: the entry of block {b} lacks "
-                                   f"{sorted(missing) or 'its report'}")
-    except ResumeEntryError as exc:
-        logger.warning("resume state: %s; computing block %d and the blocks after it again", exc, b)
-        resume.discard_from(b)
-        return None
-    for name, module in layers.items():
-        set_submodule(block, name, module)
-    logger.info("block %d: finished in an earlier run, replayed from %s", b, resume.directory)
-    return record
+    records = walk_blocks(model, calib_ids, step, needs_targets=True, device=device, resume=resume,
+                          progress=progress, desc="compressing + BQPO", record_keys=("layers", "bqpo"),
+                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir)
+    return [layer for r in records for layer in r["layers"]], [r["bqpo"] for r in records]
 
 
 def _compress_and_train(
     block: nn.Module, prefix: str, b: int, kw: dict, q_in: ActivationStore, targets: ActivationStore,
-    compress_linear: CompressLinearFn, spec: BQPOSpec, reports: list[dict], final_report: FinalReportFn,
+    compress_linear: CompressLinearFn, spec: BQPOSpec, final_report: FinalReportFn,
 ) -> dict:
-    """One-shot then BQPO for one block; appends the final per-layer reports; returns the block's statistics."""
+    """One-shot then BQPO for one block; returns its record: the final per-layer reports ("layers") and the
+    block's training statistics ("bqpo")."""
     stats = collect_block_hessians(block, q_in, kw, b, prefix)
     dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
     oneshot = compress_block_linears(block, prefix, stats, compress_linear)
     _swap(block, to_trainable=True)
     result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
     _swap(block, to_trainable=False)
+    reports = []
     for (name, module), first in zip(block_projections(block).items(), oneshot):
         final = final_report(f"{prefix}.{name}", dense[name], module, stats[name].hessian)
         reports.append({**final, **{f"oneshot_{k}": first[k] for k in ("relative_error", "output_error")
                                     if k in first}})
     logger.info("block %d BQPO: block output MSE %.4g -> %.4g (%d epochs)", b, result["loss_before"],
                 result["loss_after"], result["epochs_run"])
-    return {"block": b, **result}
+    return {"layers": reports, "bqpo": {"block": b, **result}}

@@ -76,8 +76,10 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
         _checkpointing(model, True)
     model.train()  # transformers applies gradient checkpointing in training mode; these models have no dropout
 
+    device = next(model.parameters()).device
+
     def window_loss(i: int) -> torch.Tensor:
-        ids = calib_ids[i : i + 1]
+        ids = calib_ids[i : i + 1].to(device)
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     try:
