@@ -69,3 +69,23 @@ def test_run_with_calibration_and_block_training_leaves_no_resume_state(dense_di
     model, _ = gqsa.load(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_run_with_lazy_loading_writes_the_same_checkpoint(dense_dir, text_file, tmp_path, capsys):
+    """``lazy_load`` (``--lazy-load``) reads the blocks from the shards one at a time: the same tensors come out; the
+    perplexity is measured after compressing only."""
+    from safetensors.torch import load_file
+
+    from gqsa.cli import main
+
+    settings = dict(calib_dataset=str(text_file), calib_samples=2, seq_len=16, progress=False)
+    whole = run(tmp_path / "whole", "w4s50", dense_dir, fast=True, **settings)
+    lazy = run(tmp_path / "lazy", "w4s50", dense_dir, fast=True, lazy_load=True,
+               heldout=HeldoutSpec(str(text_file), seq_len=32, max_tokens=128), **settings)
+    assert lazy["layers"] == whole["layers"] and "ppl_before" not in lazy and lazy["ppl_after"]["ppl"] > 0
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "lazy"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code = main(["compress", str(dense_dir), "--out", str(tmp_path / "cli"), "--preset", "magnitude-w4s50",
+                 "--lazy-load", "--device", "cpu", "--eval", "--eval-text-file", str(text_file), "--eval-seq-len",
+                 "32", "--eval-max-tokens", "64"])
+    assert code == 0 and "perplexity on held-out" in capsys.readouterr().out

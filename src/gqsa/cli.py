@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activation-budget-mb", type=int, default=None,
                    help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
     c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
+    c.add_argument("--lazy-load", action="store_true",
+                   help="read the model block by block from its safetensors shards: host memory holds one dense "
+                        "block, not the model (--eval then measures after compressing only)")
     c.add_argument("--device", default=None,
                    help="where calibration, the block-wise methods, training and evaluation compute: cpu or "
                         "cuda[:N] (default: a CUDA device when one is visible); the model itself stays on the CPU")
@@ -196,7 +199,8 @@ def cmd_compress(args) -> int:
     out = Path(args.out)
     budget = _activation_budget_bytes(args.activation_budget_mb)
     report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,
-                 activation_budget_bytes=budget, offload_dir=args.offload_dir, device=device)
+                 activation_budget_bytes=budget, offload_dir=args.offload_dir, device=device,
+                 lazy_load=args.lazy_load)
     packed = config.sparsity.pattern == "group"
     if args.json:
         print(jsonio.dumps(report, indent=1))
@@ -217,9 +221,10 @@ def cmd_compress(args) -> int:
         print(f"  {s['num_layers']} linear layers: {s['sparsity']:.1%} of weights pruned, "
               f"{s['bits_per_weight']:.3f} bits per weight in an fp16 sparse format (docs/FORMAT.md)")
     if args.eval:
-        b, a = report["ppl_before"], report["ppl_after"]
+        a = report["ppl_after"]
+        before = f"{report['ppl_before']['ppl']:.2f} -> " if "ppl_before" in report else ""
         print(f"  perplexity on held-out {a['dataset']} ({a['tokens']} tokens, windows of {a['seq_len']}): "
-              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+              f"{before}{a['ppl']:.2f}")
     if args.sample_prompt:
         print(f"  sample: {args.sample_prompt!r} -> {report['sample']['completion']!r}")
     print(f"  compression {report['wall_time_s']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MiB")

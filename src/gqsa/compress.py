@@ -36,6 +36,7 @@ from gqsa.models.checkpoints import model_summary
 from gqsa.models.surgery import set_submodule
 from gqsa.nn.packed_linear import GQSALinear
 from gqsa.utils.finite import describe_nonfinite
+from gqsa.utils.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
             raise ValueError(f"{name}: pattern {config.sparsity.pattern} needs in_features divisible by {nm[1]}, "
                              f"got {m.in_features}")
         for kind, tensor in (("weight", m.weight), ("bias", m.bias)):
-            problem = None if tensor is None else describe_nonfinite(tensor)
+            if tensor is None or tensor.device.type == "meta":
+                continue  # a block not read yet (gqsa.models.lazy): checked when it is read
+            problem = describe_nonfinite(tensor)
             if problem is not None:
                 raise ValueError(f"{name}: the {kind} holds {problem}; gqsa compresses finite weights only")
 
@@ -113,6 +116,7 @@ def _compress_data_free(
     """Method "magnitude": group pattern -> packed layers; unstructured / N:M -> layers pruned in float."""
     from gqsa.algorithms.float_sparse import magnitude_prune
     from gqsa.algorithms.magnitude import magnitude_pack
+    from gqsa.models.lazy import lazy_weights
 
     sp = config.sparsity
     reports = []
@@ -125,11 +129,34 @@ def _compress_data_free(
             _pruned_in_place(linears[name], pruned)
             reports.append(float_layer_report(name, w, pruned, mask, sp.pattern))
         return reports
-    packed = magnitude_pack(linears, config)
-    for name in tqdm(linears, desc="packing layers", disable=not progress):
-        reports.append(layer_report(name, linears[name].weight, packed[name]))
-        set_submodule(model, name, _packed_module(linears[name], packed[name]))
+    for part in _lazy_parts(model, linears, config):
+        packed = magnitude_pack(part, config)
+        for name in tqdm(part, desc="packing layers", disable=not progress):
+            reports.append(layer_report(name, part[name].weight, packed[name]))
+            set_submodule(model, name, _packed_module(part[name], packed[name]))
+            if lazy_weights(model) is not None:
+                part[name].to("meta")  # the replaced dense layer's memory goes now, not with the last block
+        if lazy_weights(model) is not None:
+            trim_heap()
     return reports
+
+
+def _lazy_parts(model: nn.Module, linears: dict[str, nn.Linear], config: CompressConfig):
+    """The layers to pack by magnitude, all at once, or block by block for a lazily loaded model (each block read
+    from its shards at its turn: gqsa.models.lazy)."""
+    from gqsa.models.adapter import block_prefix, decoder_layers
+    from gqsa.models.lazy import lazy_weights, materialize_block
+
+    if lazy_weights(model) is None:
+        yield linears
+        return
+    if config.sparsity.allocation == "model":
+        raise ValueError("allocation 'model' compares every layer at once; it needs the model loaded whole "
+                         "(without --lazy-load)")
+    for b in range(len(decoder_layers(model))):
+        materialize_block(model, b, "cpu")
+        prefix = block_prefix(model, b) + "."
+        yield {n: m for n, m in linears.items() if n.startswith(prefix)}  # the same modules, now read
 
 
 def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | None = None):
@@ -285,13 +312,12 @@ def compress_model(
             become NaN/Inf (naming the block and layer).
     """
     start = time.perf_counter()
-    linears = compressible_linears(model)
-    check_layers(linears, config)
+    check_layers(compressible_linears(model), config)  # not kept: each block's dense layers go once replaced
     if calib_ids is not None and calib_ids.dim() == 2:
         check_context_length(model, calib_ids.shape[1], _CALIB_WINDOW)
     counts = blocks = None
     if config.method == "magnitude":
-        layers = _compress_data_free(model, linears, config, progress)
+        layers = _compress_data_free(model, compressible_linears(model), config, progress)
     else:
         if calib_ids is None:
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
@@ -351,6 +377,7 @@ def run(
     offload_dir: str | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    lazy_load: bool = False,
     **overrides,
 ) -> dict:
     """Compress ``model`` into the checkpoint directory ``out``: what ``gqsa compress`` does, from Python.
@@ -366,6 +393,8 @@ def run(
             the rest go to ``offload_dir``.
         device: where the calibrated methods, E2E-OQP, the perplexity and the sample compute (``compress_model``);
             the model is loaded on the CPU and saved from there. Default: the CPU.
+        lazy_load: read the dense model block by block from its safetensors shards (``gqsa.models.lazy``): host
+            memory holds one dense block, not the model. The perplexity is then measured after compressing only.
 
     Returns:
         The report, also saved as ``out/report.json`` beside ``out/compress_config.json``.
@@ -393,12 +422,12 @@ def run(
         check_output_dir(out, overwrite)  # again, now that no other run can be writing it
         budget = default_activation_budget() if activation_budget_bytes is None else activation_budget_bytes
         return _run_locked(out, config, model, overwrite, heldout, sample_prompt, budget, offload_dir, progress,
-                           None if device is None else torch.device(device))
+                           None if device is None else torch.device(device), lazy_load)
 
 
 def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, heldout: HeldoutSpec | None,
                 sample_prompt: str | None, budget: int, offload_dir: str | None, progress: bool,
-                device: torch.device | None) -> dict:
+                device: torch.device | None, lazy_load: bool) -> dict:
     """``run`` once the output is checked and locked: load, measure, compress, measure, save."""
     import gqsa
     from gqsa.models.checkpoints import save_pruned
@@ -407,11 +436,16 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     from gqsa.utils import jsonio
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(None if model_path is None else str(model_path))
+    if lazy_load:
+        from gqsa.models.lazy import load_model_lazily
+
+        model, tokenizer = load_model_lazily(_hf_directory(model_path))
+    else:
+        model, tokenizer = load_model(None if model_path is None else str(model_path))
     dense = model_summary(model)["model_bytes"]
     report = {"model": str(model_path or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
     calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
-    if heldout is not None:
+    if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
         with _on(model, device):
             report["ppl_before"] = _heldout(model, tokenizer, heldout)
     report["activation_budget_bytes"] = budget
@@ -444,6 +478,20 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     if resume is not None:
         shutil.rmtree(resume, ignore_errors=True)
     return report
+
+
+def _hf_directory(model_path) -> Path:
+    """The Hugging Face directory a model path reads from: itself, or a GGUF file's (or the default model's)
+    converted copy."""
+    from gqsa.models.loading import converted_gguf_dir, default_model_path
+
+    path = default_model_path() if model_path is None else Path(model_path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return converted_gguf_dir(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: lazy loading reads a Hugging Face model directory (config.json and safetensors) "
+                         "or a .gguf file")
+    return path
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 For block b, in order:
 
-    onload    block b and its keyword arguments to the compute device (the model itself stays where it is)
+    onload    block b to the compute device (read from its shards there when the model was loaded lazily:
+              gqsa.models.lazy); its keyword arguments are there already (the model itself stays where it is)
     targets   the dense block on the dense inputs, when the method trains towards them (``needs_targets``)
     step      the method's work on the block, in place: statistics, masks, codes, training  -> the block's record
               (or: replay block b from the resume state, when a trustworthy entry is there)
@@ -27,7 +28,9 @@ from tqdm.auto import tqdm
 from gqsa.algorithms.activations import ActivationStore
 from gqsa.algorithms.resume import ResumeEntryError, ResumeState
 from gqsa.models.adapter import block_prefix, block_projections, capture_block_inputs, decoder_layers
+from gqsa.models.lazy import materialize_block
 from gqsa.models.surgery import set_submodule
+from gqsa.utils.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ def walk_blocks(
     records = []
     try:
         for b, block in enumerate(tqdm(decoder_layers(model), desc=desc, disable=not progress)):
+            materialize_block(model, b, device)  # a lazily loaded model's block is read from its shards now
             block.to(device)
             kw = block_kwargs[b]
             targets = run_block(block, dense_inputs, kw, new_store()) if needs_targets else None
@@ -158,6 +162,7 @@ def walk_blocks(
             if dense_inputs is not inputs:
                 dense_inputs.close()
             inputs.close()
+            trim_heap()  # the block's dense layers and the old activations, back to the system
             inputs, dense_inputs = outputs, (targets if needs_targets else outputs)
     finally:
         for store in (inputs, dense_inputs, targets):

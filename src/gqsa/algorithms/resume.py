@@ -41,7 +41,13 @@ class ResumeEntryError(ValueError):
 
 
 def model_digest(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the model's tensors (its identity as an input)."""
+    """SHA-256 over the names, dtypes, shapes and bytes of the model's tensors (its identity as an input); for a
+    lazily loaded model (gqsa.models.lazy), over those of its weight files."""
+    from gqsa.models.lazy import lazy_weights
+
+    weights = lazy_weights(model)
+    if weights is not None:
+        return weights.digest()
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{tensor_sha256(t)}".encode())
