@@ -8,7 +8,8 @@
 #   1. machine     GPU, driver, python / torch / triton / transformers versions, gqsa's CUDA backends, git commit
 #                  -> machine.txt
 #   2. tests       the Triton kernel tests (tests/ops/test_ops_triton.py, and tests/ops/test_ops_triton_a8.py where
-#                  it exists), the CUDA-graph decode step (tests/engine/test_engine_graph_step.py) and tests/bench
+#                  it exists), the CUDA-graph decode step (tests/engine/test_engine_graph_step.py), compression
+#                  on the device (tests/algorithms/test_driver.py) and tests/bench
 #                  -> tests.txt, tests.xml
 #   3. kernel-7b   gqsa bench kernel --device cuda on Llama-2-7B's linear shapes, batch 1, 4, 16, sparsity 30,
 #                  50, 70% (random and uneven rows are both always measured) -> kernel_7b.json, .md (log .log)
@@ -129,6 +130,7 @@ step_tests() {
     local files=()
     [ -f tests/ops/test_ops_triton_a8.py ] && files+=(tests/ops/test_ops_triton_a8.py)
     [ -f tests/engine/test_engine_graph_step.py ] && files+=(tests/engine/test_engine_graph_step.py)
+    [ -f tests/algorithms/test_driver.py ] && files+=(tests/algorithms/test_driver.py)  # compression on the GPU
     files+=(tests/ops/test_ops_triton.py tests/bench)
     x "$PY" -m pytest -q -p no:cacheprovider --durations=15 --junitxml="$DIR/tests.xml" "${files[@]}"
 }
