@@ -545,9 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[c.name] = f"torch's int4 kernel unavailable: {_first_line(exc)}"
         if model is not None:
             run(c, model, base)
-            # off the device before it goes: a CUDA graph's step keeps the modules it ran alive (gqsa.engine's
-            # graph cache holds its decoder), and with them their tensors, wherever those are
-            model.to("cpu")
+            model.to("cpu")  # off the device at once, whenever the collector frees the model and its graphs
         del model
         _free(device)
     gqsa_runs = [c for c in todo if c.kind == "gqsa"]
