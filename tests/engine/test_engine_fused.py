@@ -15,7 +15,8 @@ from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
 from gqsa.engine import GenerationSpec, generate
 from gqsa.engine.fused import FusedDecoder, _shared_rows, fused_decoder
 from gqsa.format import PackedWeight
-from gqsa.models.adapter import UnsupportedArchitectureError, capture_block_inputs, rotary_tables
+from gqsa.models.adapter import UnsupportedArchitectureError, capture_block_inputs
+from gqsa.models.llama_parts import rotary_tables
 from gqsa.nn import GQSALinear
 from gqsa.ops import cpu
 

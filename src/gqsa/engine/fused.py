@@ -3,7 +3,7 @@
 A decode step through a transformers model's ``forward`` makes over a thousand small eager calls per token
 (output objects, mask and cache bookkeeping, per-module hooks and reshapes); at batch 1 on the CPU they cost
 about as much as the packed linear layers themselves. ``FusedDecoder`` computes the same function, gpt-fast
-style, from the model's own tensors (``gqsa.models.adapter.llama_family_parts``):
+style, from the model's own tensors (``gqsa.models.llama_parts.llama_family_parts``):
 
 * its own static KV cache: per block a (1, n_kv_heads, max_len, head_dim) key and value tensor; attention by
   ``scaled_dot_product_attention`` over the filled prefix, causal for a prompt, ``enable_gqa`` for grouped heads
@@ -50,14 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqsa.models.adapter import (
-    BlockParts,
-    DecoderParts,
-    RMSNormParts,
-    UnsupportedArchitectureError,
-    llama_family_parts,
-    rotary_tables,
-)
+from gqsa.models.adapter import UnsupportedArchitectureError
+from gqsa.models.llama_parts import BlockParts, DecoderParts, RMSNormParts, llama_family_parts, rotary_tables
 from gqsa.ops.cpu import native_batch_limit
 from gqsa.ops.norm import add_rms_norm
 from gqsa.ops.safety import tensor_version
@@ -162,7 +156,7 @@ class FusedDecoder:
 
     Raises:
         UnsupportedArchitectureError: anything the step does not compute exactly as the model does (see
-            ``gqsa.models.adapter.llama_family_parts``).
+            ``gqsa.models.llama_parts.llama_family_parts``).
     """
 
     def __init__(self, model: nn.Module) -> None:
