@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gqsa.quant.saliency import SALIENCIES as GROUP_SALIENCIES
 from gqsa.utils import jsonio
 
 CONFIG_VERSION = 1
@@ -26,7 +27,9 @@ ALLOCATIONS = ("row", "matrix", "model")
 COMPRESS_METHODS = ("gqsa", "magnitude", "sparsegpt", "wanda")
 # Methods that only prune (unstructured or N:M) and leave the kept weights in float.
 FLOAT_SPARSE_METHODS = ("sparsegpt", "wanda")
-SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude", "obs_adaptive")
+# the group scores of gqsa.quant.saliency, and "obs_adaptive" (OBS scores recomputed as the sweep goes:
+# gqsa.algorithms.oneshot)
+SALIENCIES = (*GROUP_SALIENCIES, "obs_adaptive")
 
 
 def parse_nm(pattern) -> tuple[int, int] | None:
