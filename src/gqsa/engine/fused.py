@@ -54,7 +54,7 @@ from gqsa.models.adapter import UnsupportedArchitectureError
 from gqsa.models.llama_parts import BlockParts, DecoderParts, RMSNormParts, llama_family_parts, rotary_tables
 from gqsa.ops.cpu import native_batch_limit
 from gqsa.ops.norm import add_rms_norm
-from gqsa.ops.safety import tensor_version
+from gqsa.ops.tensor_cache import tensor_version
 
 logger = logging.getLogger(__name__)
 

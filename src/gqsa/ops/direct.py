@@ -24,7 +24,8 @@ import torch
 
 from gqsa.ops.backends import resolve_kernel
 from gqsa.ops.linear import _check_args, check_x, reference_linear
-from gqsa.ops.safety import check_kernel_indices, tensor_version
+from gqsa.ops.safety import check_kernel_indices
+from gqsa.ops.tensor_cache import tensor_version
 
 
 class BoundLinear:

@@ -13,8 +13,8 @@ Its error is the activation quantization's: the oracle is the reference op appli
 ``auto``; on CPU tensors it runs only by name and under the interpreter. It stays named-only on CUDA until a GPU
 has measured it faster than the ``triton`` default (``benchmarks/gpu_check.sh``).
 
-The op path (``torch.ops.gqsa.linear(..., backend="triton-a8")``) keeps each weight's prepared layout while the
-weight's ``values`` tensor lives, keyed by the packed tensors' identities, data pointers and version counters;
+The op path (``torch.ops.gqsa.linear(..., backend="triton-a8")``) keeps each weight's layout while its packed
+tensors live unchanged (``gqsa.ops.tensor_cache``);
 ``bind_linear`` and ``GQSALinear`` prepare once through ``Kernel.prepare``. The layout is a second copy of the
 weight on the device (12 bytes per kept W4 g16 group) beside the packed buffers.
 """
@@ -22,7 +22,6 @@ weight on the device (12 bytes per kept W4 g16 group) beside the packed buffers.
 from __future__ import annotations
 
 import importlib
-import weakref
 from collections.abc import Callable
 from types import ModuleType
 
@@ -31,7 +30,7 @@ import torch
 from gqsa.ops.backends import Kernel, register_kernel
 from gqsa.ops.gpu import _checked_device, available, interpreting, triton_linear
 from gqsa.ops.linear import check_x
-from gqsa.ops.safety import tensor_version
+from gqsa.ops.tensor_cache import TensorCache
 from gqsa.ops.sliced_layout import SlicedLayout, build_sliced_layout, layout_unsupported
 
 KERNELS_MODULE = "gqsa.ops.triton_a8_kernels"
@@ -138,26 +137,8 @@ def prepare_a8(crow_indices, col_indices, values, scale, zero_point, bias, out_f
     return lambda x: _run(x, layout, packed)
 
 
-class _LayoutCache:
-    """Layouts of the op path, one per ``values`` tensor while it lives; a change of any packed tensor
-    (identity, data pointer, version counter) builds it again. The bias is not part of a layout."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, tuple, SlicedLayout | None]] = {}
-
-    def get(self, packed: tuple) -> SlicedLayout | None:
-        values = packed[2]
-        key = tuple(None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in packed[:5])
-        entry = self._entries.get(id(values))
-        if entry is not None and entry[0]() is values and entry[1] == key:
-            return entry[2]
-        layout = _layout(packed)
-        ident = id(values)
-        self._entries[ident] = (weakref.ref(values, lambda _, i=ident: self._entries.pop(i, None)), key, layout)
-        return layout
-
-
-_cache = _LayoutCache()
+# the op path's layouts, one per packed weight while its tensors live unchanged (the bias is not part of one)
+_layouts = TensorCache()
 
 
 def _a8_op(x, *packed) -> torch.Tensor:
@@ -165,7 +146,7 @@ def _a8_op(x, *packed) -> torch.Tensor:
     _checked_device(x)
     if x.numel() // packed[7] > A8_MAX_M:
         return triton_linear(x, *packed)
-    return _run(x, _cache.get(packed), packed)
+    return _run(x, _layouts.get(packed[:5], (), lambda: _layout(packed)), packed)
 
 
 # Approximate (int8 activations): never "auto"; on CPU tensors only by name under the interpreter.

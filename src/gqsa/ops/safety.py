@@ -6,42 +6,21 @@ would make them read (or write) outside their buffers. ``PackedWeight.validate``
 weights enter (checkpoint loading, ``from_pretrained``, resume state); this module is the kernels' own guard for
 tensors that reach them any other way (a ``PackedWeight`` built by hand, buffers edited in place): before a
 kernel runs on ``(crow_indices, col_indices)`` for the first time, ``check_kernel_indices`` runs
-``gqsa.format.packed.check_indices`` on them and remembers the pair, keyed by the tensors themselves, their data
-pointers and their version counters. A later call with the same, unmodified tensors costs one dictionary lookup;
-any in-place change (``t[i] = v``, ``copy_``, ``load_state_dict``) bumps the version counter and the indices are
-checked again. Writes that bypass the version counter (through ``.data``, a NumPy view or a raw pointer) are not
+``gqsa.format.packed.check_indices`` on them and remembers the pair (``gqsa.ops.tensor_cache``: keyed by the
+tensors themselves, their data pointers, shapes and version counters). A later call with the same, unmodified
+tensors costs one dictionary lookup; any in-place change (``t[i] = v``, ``copy_``, ``load_state_dict``) bumps
+the version counter and the indices are checked again. Writes that bypass the version counter (through ``.data``, a NumPy view or a raw pointer) are not
 seen: they are outside what PyTorch itself tracks.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from gqsa.format.packed import check_indices
+from gqsa.ops.tensor_cache import TensorCache
 
-# id(crow_indices) -> (weak reference to it, weak reference to the col_indices checked with it, key); a plain
-# dict of ids, a quarter of the cost of a WeakIdKeyDictionary lookup, emptied by the weak reference's callback
-_checked: dict[int, tuple[weakref.ref, weakref.ref, tuple]] = {}
-
-
-def _forget(ref: weakref.ref, ident: int) -> None:
-    if _checked.get(ident, (None,))[0] is ref:  # not an entry of a newer tensor that took the same id
-        del _checked[ident]
-
-
-def tensor_version(t: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place change), or None for an inference tensor."""
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors track no version (they cannot be changed outside inference mode)
-        return None
-
-
-def _key(crow_indices: torch.Tensor, col_indices: torch.Tensor, num_groups: int) -> tuple:
-    return (crow_indices.data_ptr(), col_indices.data_ptr(), tensor_version(crow_indices),
-            tensor_version(col_indices), crow_indices.shape, col_indices.shape, num_groups)
+_checked = TensorCache()  # (crow_indices, col_indices, num_groups) -> True once checked
 
 
 def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int, group_size: int,
@@ -60,11 +39,5 @@ def check_kernel_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, 
     if crow_indices.is_meta:
         return
     num_groups = in_features // group_size
-    key = _key(crow_indices, col_indices, num_groups)
-    ident = id(crow_indices)
-    seen = _checked.get(ident)
-    if seen is not None and seen[0]() is crow_indices and seen[1]() is col_indices and seen[2] == key:
-        return
-    check_indices(crow_indices, col_indices, num_groups, name)
-    _checked[ident] = (weakref.ref(crow_indices, lambda ref: _forget(ref, ident)), weakref.ref(col_indices), key)
-
+    _checked.get((crow_indices, col_indices), (num_groups,),
+                 lambda: check_indices(crow_indices, col_indices, num_groups, name) or True)
