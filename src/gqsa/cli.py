@@ -62,9 +62,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="block-wise training epochs after the one-shot step (0 = off; w4s* presets: 2)")
     c.add_argument("--bqpo-lr-weight", type=float, help="BQPO learning rate of the weights")
     c.add_argument("--bqpo-lr-qparams", type=float, help="BQPO learning rate of scales and zero points")
+    c.add_argument("--bqpo-mask-updates", type=int, metavar="N",
+                   help="BQPO chooses each layer's kept groups again N times from the trained weights (mask frozen "
+                        "in the last epoch; needs 2+ epochs; 0 = keep the one-shot mask)")
     c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off; w4s*: 3)")
     c.add_argument("--e2e-lr", type=float, help="E2E-OQP learning rate of the scales")
     c.add_argument("--e2e-zero-point", action="store_true", help="E2E-OQP also trains the zero points")
+    c.add_argument("--e2e-distill", type=float, metavar="W",
+                   help="E2E-OQP loss: (1 - W) * next-token loss + W * KL from the dense model (0..1)")
+    c.add_argument("--e2e-distill-top-k", type=int, metavar="K",
+                   help="tokens of the dense model's distribution kept per position for --e2e-distill")
     c.add_argument("--activation-budget-mb", type=int, default=None,
                    help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
     c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
@@ -145,7 +152,9 @@ def _resolve_compress_config(args):
         symmetric=True if args.symmetric else None, qparams=args.qparams, saliency=args.saliency, damp=args.damp,
         calib_dataset=args.calib_dataset, calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
         bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight, bqpo_lr_qparams=args.bqpo_lr_qparams,
-        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_zero_point=True if args.e2e_zero_point else None)
+        bqpo_mask_updates=args.bqpo_mask_updates,
+        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_zero_point=True if args.e2e_zero_point else None,
+        e2e_distill=args.e2e_distill, e2e_distill_top_k=args.e2e_distill_top_k)
 
 
 def _activation_budget_bytes(mb: int | None) -> int:

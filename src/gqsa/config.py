@@ -284,6 +284,9 @@ class BQPOSpec(_Config):
         val_windows: calibration windows held out for early stopping (taken from the end; 0 = none).
         patience: epochs without a better held-out loss before stopping; the best state is restored.
         seed: seed of the window order (per block: seed + block index).
+        mask_updates: times the group mask of each layer is chosen again from the trained weights, spread over
+            every epoch but the last (which trains with the mask frozen); each row keeps its number of groups
+            (``FakeQuantLinear.reselect_mask``). 0 = the one-shot mask stays. Needs at least 2 epochs.
     """
 
     epochs: int = 0
@@ -295,9 +298,14 @@ class BQPOSpec(_Config):
     val_windows: int = 4
     patience: int = 1
     seed: int = 0
+    mask_updates: int = 0
 
     def __post_init__(self) -> None:
         c = "BQPOSpec"
+        _check_number(c, "mask_updates", self.mask_updates, 0, 1 << 20, integer=True)
+        if self.mask_updates and self.epochs == 1:
+            raise ValueError("BQPOSpec.mask_updates needs at least 2 epochs (the last trains with the mask frozen), "
+                             "got epochs 1")
         _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
         _check_number(c, "lr_weight", self.lr_weight, 0, 1.0)
         _check_number(c, "lr_qparams", self.lr_qparams, 0, 1.0)
@@ -327,6 +335,10 @@ class E2ESpec(_Config):
         patience: epochs without a better held-out loss before stopping; the best state is restored.
         gradient_checkpointing: recompute block activations in the backward pass to bound memory.
         seed: seed of the window order.
+        distill: weight of distillation in the loss, in [0, 1]: ``(1 - distill) * next-token loss + distill *
+            KL(dense model || compressed model)`` on the next-token distributions (``gqsa.algorithms.distill``;
+            the dense model's top-k is computed before compression). 0 = the next-token loss only.
+        distill_top_k: tokens of the dense model's distribution kept per position (the rest is one outcome).
     """
 
     epochs: int = 0
@@ -339,9 +351,13 @@ class E2ESpec(_Config):
     patience: int = 1
     gradient_checkpointing: bool = True
     seed: int = 0
+    distill: float = 0.0
+    distill_top_k: int = 64
 
     def __post_init__(self) -> None:
         c = "E2ESpec"
+        _check_number(c, "distill", self.distill, 0, 1.0)
+        _check_number(c, "distill_top_k", self.distill_top_k, 1, 1 << 20, integer=True)
         _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
         _check_number(c, "lr", self.lr, 0, 1.0)
         _check_number(c, "lr_zero_point", self.lr_zero_point, 0, 10.0)
@@ -407,6 +423,9 @@ class CompressConfig(_Config):
         if self.bqpo.epochs and self.method == "magnitude":
             raise ValueError("CompressConfig: BQPO (bqpo.epochs > 0) follows a calibrated method (gqsa, sparsegpt, "
                              "wanda); method 'magnitude' is data-free")
+        if self.bqpo.epochs and self.bqpo.mask_updates and self.method != "gqsa":
+            raise ValueError(f"CompressConfig: BQPO mask updates choose kept groups of GQSA layers; method "
+                             f"{self.method!r} keeps its mask (set mask_updates 0)")
         if self.e2e.epochs and self.method != "gqsa":
             raise ValueError(f"CompressConfig: E2E-OQP (e2e.epochs > 0) trains GQSA layers; method {self.method!r} "
                              "has none")

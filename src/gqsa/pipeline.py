@@ -309,7 +309,9 @@ def compress_model(
     check_layers(compressible_linears(model), config)  # not kept: each block's dense layers go once replaced
     if calib_ids is not None and calib_ids.dim() == 2:
         check_context_length(model, calib_ids.shape[1], _CALIB_WINDOW)
-    counts = blocks = None
+    counts = blocks = teacher = None
+    if config.e2e.epochs and config.e2e.distill > 0:
+        teacher = _teacher(model, config, calib_ids, device, progress)
     if config.method == "magnitude":
         layers = _compress_data_free(model, compressible_linears(model), config, progress)
     else:
@@ -324,7 +326,7 @@ def compress_model(
         from gqsa.algorithms.e2e_oqp import e2e_oqp
 
         with on_device(model, device):  # the packed model: about a quarter of the dense one
-            e2e = e2e_oqp(model, calib_ids, config.e2e, progress=progress)
+            e2e = e2e_oqp(model, calib_ids, config.e2e, progress=progress, teacher=teacher)
     packed = config.sparsity.pattern == "group"
     report = {
         "config": config.to_dict(),
@@ -337,6 +339,21 @@ def compress_model(
         if value is not None:
             report[key] = value
     return report
+
+
+def _teacher(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor | None,
+             device: torch.device | str | None, progress: bool):
+    """The dense model's top-k next-token distributions on the calibration windows, for E2E-OQP's distillation
+    (computed before the model is compressed in place)."""
+    from gqsa.algorithms.distill import teacher_top_k
+    from gqsa.models.lazy import lazy_weights
+
+    if calib_ids is None:
+        raise ValueError("E2E-OQP distillation needs calibration windows (calib_ids)")
+    if lazy_weights(model) is not None:
+        raise ValueError("E2E-OQP distillation runs the dense model whole on the calibration windows first; "
+                         "load it without --lazy-load, or set the distillation weight to 0 (--e2e-distill 0)")
+    return teacher_top_k(model, calib_ids, config.e2e.distill_top_k, device, progress)
 
 
 @contextlib.contextmanager

@@ -44,10 +44,11 @@ FAST_CALIB = CalibSpec(samples=32, seq_len=512)
 
 
 def fast(cfg: CompressConfig) -> CompressConfig:
-    """The ``--fast`` variant of ``cfg``: smaller calibration, at most one BQPO epoch, no E2E-OQP."""
+    """The ``--fast`` variant of ``cfg``: smaller calibration, at most one BQPO epoch (mask fixed), no E2E-OQP."""
     calib = cfg.calib.replace(samples=min(cfg.calib.samples, FAST_CALIB.samples),
                               seq_len=min(cfg.calib.seq_len, FAST_CALIB.seq_len))
-    return cfg.replace(calib=calib, bqpo=cfg.bqpo.replace(epochs=min(cfg.bqpo.epochs, 1)), e2e=E2ESpec())
+    bqpo = cfg.bqpo.replace(epochs=min(cfg.bqpo.epochs, 1), mask_updates=0)
+    return cfg.replace(calib=calib, bqpo=bqpo, e2e=E2ESpec())
 
 
 def _float_sparse_preset(method: str, pattern: str, allocation: str) -> CompressConfig:
@@ -115,9 +116,12 @@ class Overrides:
     bqpo_epochs: int | None = None
     bqpo_lr_weight: float | None = None
     bqpo_lr_qparams: float | None = None
+    bqpo_mask_updates: int | None = None
     e2e_epochs: int | None = None
     e2e_lr: float | None = None
     e2e_zero_point: bool | None = None
+    e2e_distill: float | None = None
+    e2e_distill_top_k: int | None = None
 
 
 OVERRIDES = tuple(f.name for f in fields(Overrides))
@@ -172,6 +176,10 @@ def resolve_config(name: str = "w4s50", fast_variant: bool = False, **overrides)
         bqpo = bqpo.replace(epochs=0)
     if method != "gqsa" and o.e2e_epochs is None:
         e2e = e2e.replace(epochs=0)
+    mask_updates = o.bqpo_mask_updates
+    if mask_updates is None and ((o.bqpo_epochs if o.bqpo_epochs is not None else bqpo.epochs) < 2
+                                 or method != "gqsa"):
+        mask_updates = 0  # the preset's mask updates need 2 epochs of GQSA layers; dropped when they are not there
     return cfg.replace(
         method=method,
         quant=quant,
@@ -179,6 +187,8 @@ def resolve_config(name: str = "w4s50", fast_variant: bool = False, **overrides)
         calib=_override(cfg.calib, dataset=o.calib_dataset, samples=o.calib_samples, seq_len=o.seq_len,
                         seed=o.seed),
         oneshot=_override(cfg.oneshot, saliency=o.saliency, damp=o.damp),
-        bqpo=_override(bqpo, epochs=o.bqpo_epochs, lr_weight=o.bqpo_lr_weight, lr_qparams=o.bqpo_lr_qparams),
-        e2e=_override(e2e, epochs=o.e2e_epochs, lr=o.e2e_lr, train_zero_point=True if o.e2e_zero_point else None),
+        bqpo=_override(bqpo, epochs=o.bqpo_epochs, lr_weight=o.bqpo_lr_weight, lr_qparams=o.bqpo_lr_qparams,
+                       mask_updates=mask_updates),
+        e2e=_override(e2e, epochs=o.e2e_epochs, lr=o.e2e_lr, train_zero_point=True if o.e2e_zero_point else None,
+                      distill=o.e2e_distill, distill_top_k=o.e2e_distill_top_k),
     )

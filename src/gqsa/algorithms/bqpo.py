@@ -45,12 +45,13 @@ logger = logging.getLogger(__name__)
 FinalReportFn = Callable[[str, torch.Tensor, nn.Module, torch.Tensor], dict]
 
 
-def _swap(block: nn.Module, to_trainable: bool) -> None:
-    """Compressed layers -> trainable ones (GQSALinear -> FakeQuantLinear "weights", pruned nn.Linear ->
-    MaskedLinear), or back."""
+def _swap(block: nn.Module, to_trainable: bool, dense: dict[str, torch.Tensor] | None = None) -> None:
+    """Compressed layers -> trainable ones (GQSALinear -> FakeQuantLinear "weights", with a learnable mask when
+    ``dense`` gives the layers' weights before pruning; pruned nn.Linear -> MaskedLinear), or back."""
     for name, module in block_projections(block).items():
         if to_trainable and isinstance(module, GQSALinear):
-            set_submodule(block, name, FakeQuantLinear.from_module(module, mode="weights"))
+            fake = FakeQuantLinear.from_module(module, mode="weights", dense=None if dense is None else dense[name])
+            set_submodule(block, name, fake)
         elif to_trainable and isinstance(module, nn.Linear):
             set_submodule(block, name, MaskedLinear(module))
         elif not to_trainable and isinstance(module, FakeQuantLinear):
@@ -63,16 +64,41 @@ def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tenso
     return F.mse_loss(block_output(block(x, **kwargs)).float(), y.float())
 
 
+def _mask_update_steps(spec: BQPOSpec, n_windows: int) -> set[int]:
+    """The optimizer steps after which the masks are chosen again: ``spec.mask_updates`` of them, evenly spread
+    over every epoch but the last (``fit``'s step count; the last update ends the second-to-last epoch)."""
+    n_train = n_windows - (spec.val_windows if spec.val_windows < n_windows else 0)
+    free = (spec.epochs - 1) * -(-n_train // spec.batch_size)
+    if not spec.mask_updates or free < 1:
+        return set()
+    return {max(1, round(free * (j + 1) / spec.mask_updates)) for j in range(spec.mask_updates)}
+
+
 def train_block(
-    block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, spec: BQPOSpec, seed: int
+    block: nn.Module, kwargs: dict, inputs: ActivationStore, targets: ActivationStore, spec: BQPOSpec, seed: int,
+    input_sq: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Train the FakeQuantLinear (or MaskedLinear) layers of ``block`` so that block(inputs[i]) matches
     targets[i] (MSE).
 
     Weights train at ``spec.lr_weight`` and scales / zero points at ``spec.lr_qparams``; every other parameter
-    of the block stays frozen. See ``gqsa.algorithms.training.fit`` for the loop and its early stopping.
+    of the block stays frozen. See ``gqsa.algorithms.training.fit`` for the loop and its early stopping. With
+    ``spec.mask_updates``, the layers with a learnable mask choose their groups again at the steps
+    ``_mask_update_steps`` gives, from ``input_sq`` (layer name in the block -> (K,) mean squared input).
     """
     fakes = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    learners = {name: m for name, m in block_projections(block).items()
+                if isinstance(m, FakeQuantLinear) and m.learn_mask}
+    updates = _mask_update_steps(spec, len(inputs)) if learners else set()
+    if updates and input_sq is None:
+        raise ValueError("BQPO mask updates need each layer's mean squared input (input_sq)")
+    revived = {"updates": 0, "groups_revived": 0}
+
+    def on_step(step: int) -> None:
+        if step in updates:
+            revived["updates"] += 1
+            revived["groups_revived"] += sum(m.reselect_mask(input_sq[name]) for name, m in learners.items())
+
     masked = [m for m in block.modules() if isinstance(m, MaskedLinear)]
     weights = [m.weight for m in fakes + masked]
     qparams = [p for m in fakes for p in (m.scale, m.zero_point) if isinstance(p, nn.Parameter)]
@@ -87,8 +113,8 @@ def train_block(
              {"params": qparams, "lr": spec.lr_qparams, "weight_decay": 0.0}],
             lambda i: _window_loss(block, kwargs, inputs[i], targets[i]),
             len(inputs), spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, seed,
-            label="BQPO",
-        )
+            label="BQPO", on_step=on_step if updates else None, state=[m.mask for m in learners.values()],
+        ) | ({"mask_updates": revived} if updates else {})
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
@@ -142,8 +168,10 @@ def _compress_and_train(
     stats = collect_block_hessians(block, q_in, kw, b, prefix)
     dense = {name: m.weight.detach().clone() for name, m in block_linears(block).items()}
     oneshot = compress_block_linears(block, prefix, stats, compress_linear)
-    _swap(block, to_trainable=True)
-    result = train_block(block, kw, q_in, targets, spec, spec.seed + b)
+    learn = spec.mask_updates > 0
+    _swap(block, to_trainable=True, dense=dense if learn else None)
+    input_sq = {name: s.hessian.diagonal() for name, s in stats.items()} if learn else None
+    result = train_block(block, kw, q_in, targets, spec, spec.seed + b, input_sq)
     _swap(block, to_trainable=False)
     reports = []
     for (name, module), first in zip(block_projections(block).items(), oneshot):

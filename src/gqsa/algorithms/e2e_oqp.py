@@ -1,8 +1,9 @@
 """E2E-OQP (End-to-End Optimized Quantization-Pruning): train only quantization parameters through the model.
 
 Every GQSALinear becomes a FakeQuantLinear in mode "qparams" (integer codes and masks frozen); the scales (and,
-if asked, the zero points) train on the next-token loss of the calibration windows; every other parameter of
-the model stays frozen. Gradient checkpointing of the decoder blocks bounds activation memory. At the end the
+if asked, the zero points) train on the next-token loss of the calibration windows, mixed with the KL divergence
+from the dense model's next-token distributions when ``spec.distill`` > 0 (``gqsa.algorithms.distill``); every
+other parameter of the model stays frozen. Gradient checkpointing of the decoder blocks bounds activation memory. At the end the
 layers are frozen back into the packed format with the trained scales.
 """
 
@@ -13,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from gqsa.algorithms.distill import TeacherTopK, top_k_kl
 from gqsa.algorithms.training import fit
 from gqsa.config import E2ESpec
 from gqsa.nn.fake_quant import FakeQuantLinear
@@ -49,17 +51,28 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: bool = True) -> dict:
-    """Train the scales (and zero points) of every packed layer of ``model`` on the LM loss of ``calib_ids``.
+def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: bool = True,
+            teacher: TeacherTopK | None = None) -> dict:
+    """Train the scales (and zero points) of every packed layer of ``model`` on the loss of ``calib_ids``.
 
     Args:
         model: a transformers causal LM whose compressed layers are GQSALinear (modified in place).
         calib_ids: (n, L) token windows; the last ``spec.val_windows`` are held out for early stopping.
         progress: a progress bar of optimizer steps.
+        teacher: the dense model's top-k distributions on ``calib_ids`` (``teacher_top_k``); needed when
+            ``spec.distill`` > 0.
 
     Returns:
-        {"loss_before", "loss_after" (held-out mean next-token loss), "epochs_run", "steps", "layers"}.
+        {"loss_before", "loss_after" (held-out mean of the training loss), "objective" (what that loss is),
+        "epochs_run", "steps", "layers"}.
+
+    Raises:
+        ValueError: no GQSALinear in the model, or distillation asked without a teacher of ``calib_ids``' shape.
     """
+    if spec.distill > 0 and (teacher is None or tuple(teacher.rest.shape) != tuple(calib_ids.shape)):
+        got = None if teacher is None else tuple(teacher.rest.shape)
+        raise ValueError(f"E2E-OQP with distill {spec.distill} needs the dense model's top-k on the "
+                         f"{tuple(calib_ids.shape)} calibration windows (teacher_top_k); got {got}")
     fakes = _swap_all(model, to_fake=True, train_zero_point=spec.train_zero_point)
     if not fakes:
         raise ValueError("E2E-OQP: the model has no GQSALinear layer; compress it first")
@@ -78,9 +91,15 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
 
     device = next(model.parameters()).device
 
+    w = spec.distill
+
     def window_loss(i: int) -> torch.Tensor:
         ids = calib_ids[i : i + 1].to(device)
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+        out = model(input_ids=ids, labels=ids if w < 1 else None, use_cache=False)
+        if w == 0:
+            return out.loss
+        kl = top_k_kl(out.logits, teacher.window(i, device))
+        return kl if w == 1 else (1 - w) * out.loss + w * kl
 
     try:
         groups = [{"params": scales, "lr": spec.lr, "weight_decay": 0.0}]
@@ -99,4 +118,5 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
             _swap_all(model, to_fake=False)
     logger.info("E2E-OQP: held-out loss %.4f -> %.4f (%d epochs)", result["loss_before"], result["loss_after"],
                 result["epochs_run"])
-    return {**result, "layers": len(fakes)}
+    objective = "next-token loss" if w == 0 else f"{1 - w:g} * next-token loss + {w:g} * top-{spec.distill_top_k} KL"
+    return {**result, "objective": objective, "layers": len(fakes)}

@@ -26,6 +26,8 @@ def fit(
     seed: int,
     label: str = "training",
     progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    state: list[torch.Tensor] = (),
 ) -> dict:
     """Minimise the mean of ``window_loss(i)`` over training windows.
 
@@ -37,6 +39,9 @@ def fit(
         epochs, batch_size (windows per optimizer step), grad_clip (0 = none), patience (epochs without a lower
         held-out loss before stopping), seed (window order).
         label, progress: a progress bar of optimizer steps named ``label``.
+        on_step: called with the number of optimizer steps taken, after each step.
+        state: tensors that change outside the optimizer (e.g. masks ``on_step`` chooses again): saved and
+            restored with the parameters.
 
     Returns:
         {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
@@ -57,8 +62,9 @@ def fit(
         with torch.no_grad():
             return sum(float(window_loss(i)) for i in val_idx) / len(val_idx)
 
+    kept = params + list(state)
     before = best = held_out()
-    best_state = [p.detach().clone() for p in params]
+    best_state = [t.detach().clone() for t in kept]
     bad = epochs_run = steps = 0
     bar = tqdm(total=total, desc=label, unit="step", disable=not progress)
     try:
@@ -79,6 +85,8 @@ def fit(
                 sched.step()
                 steps += 1
                 bar.update()
+                if on_step is not None:
+                    on_step(steps)
             epochs_run += 1
             loss = held_out()
             bar.set_postfix(held_out=f"{loss:.4g}", start=f"{before:.4g}")
@@ -86,7 +94,7 @@ def fit(
                          train_loss, loss, before)
             if loss < best:
                 best, bad = loss, 0
-                best_state = [p.detach().clone() for p in params]
+                best_state = [t.detach().clone() for t in kept]
             else:
                 bad += 1
                 if bad >= patience:
@@ -94,6 +102,6 @@ def fit(
     finally:
         bar.close()
         with torch.no_grad():
-            for p, saved in zip(params, best_state):
-                p.copy_(saved)
+            for t, saved in zip(kept, best_state):
+                t.copy_(saved)
     return {"loss_before": before, "loss_after": best, "epochs_run": epochs_run, "steps": steps}
