@@ -20,6 +20,7 @@ from gqsa.utils import jsonio
 CONFIG_VERSION = 1
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+BQPO_TARGETS = ("dense", "compressed")  # the inputs of the dense block whose outputs BQPO trains towards
 MIN_GROUP_SIZE = 8
 MAX_GROUP_SIZE = 256
 QPARAM_METHODS = ("minmax", "mse")
@@ -287,6 +288,9 @@ class BQPOSpec(_Config):
         mask_updates: times the group mask of each layer is chosen again from the trained weights, spread over
             every epoch but the last (which trains with the mask frozen); each row keeps its number of groups
             (``FakeQuantLinear.reselect_mask``). 0 = the one-shot mask stays. Needs at least 2 epochs.
+        targets: the dense block's outputs to match on the compressed inputs, computed on "dense" (the dense
+            model's inputs, so a block also corrects the error of the blocks before it) or on "compressed" (the
+            same compressed inputs: each block only reproduces its own dense function).
     """
 
     epochs: int = 0
@@ -299,9 +303,12 @@ class BQPOSpec(_Config):
     patience: int = 1
     seed: int = 0
     mask_updates: int = 0
+    targets: str = "dense"
 
     def __post_init__(self) -> None:
         c = "BQPOSpec"
+        if self.targets not in BQPO_TARGETS:
+            raise ValueError(f"BQPOSpec.targets must be one of {BQPO_TARGETS}, got {self.targets!r}")
         _check_number(c, "mask_updates", self.mask_updates, 0, 1 << 20, integer=True)
         if self.mask_updates and self.epochs == 1:
             raise ValueError("BQPOSpec.mask_updates needs at least 2 epochs (the last trains with the mask frozen), "

@@ -254,3 +254,18 @@ def test_bqpo_reconstructs_float_baselines_with_their_masks_fixed(preset_name):
         w = compressible_linears(model)["model.layers.1.mlp.down_proj"].weight
         assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
     assert report["summary"]["bits_per_weight"] <= 9.0
+
+
+def test_bqpo_towards_the_dense_block_on_the_compressed_inputs():
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (12, 32), generator=gen)
+    dense_targets = _run(_config(3), calib)[1]["bqpo_blocks"]
+    model, report = _run(_config(3, targets="compressed"), calib)
+    blocks = report["bqpo_blocks"]
+    assert report["config"]["bqpo"]["targets"] == "compressed"
+    assert blocks[0]["loss_before"] == dense_targets[0]["loss_before"]  # block 0: the same inputs either way
+    # block 1 starts closer to its targets: they no longer hold block 0's remaining error
+    assert blocks[1]["loss_before"] < dense_targets[1]["loss_before"]
+    assert all(b["loss_after"] < b["loss_before"] for b in blocks)
+    with pytest.raises(ValueError, match="BQPOSpec.targets"):
+        BQPOSpec(targets="teacher")

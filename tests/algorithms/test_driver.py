@@ -89,3 +89,32 @@ def test_one_shot_runs_resume_after_a_kill(tmp_path, monkeypatch):
     for name in want:
         for key in want[name]:
             assert torch.equal(got[name][key], want[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("targets_from", ["dense", "compressed"])
+def test_targets_are_the_dense_blocks_outputs_on_the_inputs_asked_for(targets_from):
+    from gqsa.algorithms.driver import block_output
+    from gqsa.models.adapter import capture_block_inputs, decoder_layers
+
+    dense = tiny_model("llama")
+    seen = []
+
+    def step(work):  # "compression": every weight of the block halved
+        seen.append(([h.clone() for h in work.inputs], [t.clone() for t in work.targets]))
+        with torch.no_grad():
+            for p in work.block.parameters():
+                p.mul_(0.5)
+        return {"layers": []}
+
+    walk_blocks(tiny_model("llama"), CALIB, step, needs_targets=True, targets_from=targets_from, progress=False)
+    block0, block1 = decoder_layers(dense)
+    with torch.no_grad():
+        for i in range(CALIB.shape[0]):
+            h, kw = capture_block_inputs(dense, CALIB[i: i + 1])
+            dense_in1 = block_output(block0(h, **kw[0]))
+            inputs1, targets1 = seen[1][0][i], seen[1][1][i]
+            assert not torch.allclose(inputs1, dense_in1)  # block 1's inputs come from the halved block 0
+            source = dense_in1 if targets_from == "dense" else inputs1
+            assert torch.allclose(targets1, block_output(block1(source, **kw[1])), atol=1e-5)
+    with pytest.raises(ValueError, match="targets_from"):
+        walk_blocks(tiny_model("llama"), CALIB, step, needs_targets=True, targets_from="teacher", progress=False)

@@ -6,7 +6,8 @@ methods are compared with trained baselines.
 
 For each decoder block b, in order:
 
-    targets  = dense block b on the dense inputs            (what the block should output)
+    targets  = dense block b on the dense inputs            (what the block should output; or on the compressed
+                                                             inputs: BQPOSpec.targets "compressed")
     H        = statistics of the compressed inputs           (as the one-shot step uses them)
     block b  <- GQSA one-shot (masks, codes, scales)         (the starting point)
     block b  <- FakeQuantLinear layers, trained with AdamW to minimise MSE(block(compressed inputs), targets);
@@ -153,8 +154,8 @@ def compress_blockwise_bqpo(
         return _compress_and_train(work.block, work.prefix, work.index, work.kwargs, work.inputs, work.targets,
                                    compress_linear, spec, final_report)
 
-    records = walk_blocks(model, calib_ids, step, needs_targets=True, device=device, resume=resume,
-                          progress=progress, desc="compressing + BQPO", record_keys=("layers", "bqpo"),
+    records = walk_blocks(model, calib_ids, step, needs_targets=True, targets_from=spec.targets, device=device,
+                          resume=resume, progress=progress, desc="compressing + BQPO", record_keys=("layers", "bqpo"),
                           activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir)
     return [layer for r in records for layer in r["layers"]], [r["bqpo"] for r in records]
 

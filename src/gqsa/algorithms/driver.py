@@ -4,7 +4,9 @@ For block b, in order:
 
     onload    block b to the compute device (read from its shards there when the model was loaded lazily:
               gqsa.models.lazy); its keyword arguments are there already (the model itself stays where it is)
-    targets   the dense block on the dense inputs, when the method trains towards them (``needs_targets``)
+    targets   the dense block's outputs, when the method trains towards them (``needs_targets``): on the dense
+              model's inputs (``targets_from="dense"``, a second stream of activations through the dense blocks) or
+              on the compressed model's inputs (``"compressed"``: what this block alone should do)
     step      the method's work on the block, in place: statistics, masks, codes, training  -> the block's record
               (or: replay block b from the resume state, when a trustworthy entry is there)
     resume    the finished block's layers and record saved (when there is a resume state)
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from gqsa.algorithms.activations import ActivationStore
 from gqsa.algorithms.resume import ResumeEntryError, ResumeState
+from gqsa.config import BQPO_TARGETS as TARGETS_FROM
 from gqsa.models.adapter import block_prefix, block_projections, capture_block_inputs, decoder_layers
 from gqsa.models.lazy import materialize_block
 from gqsa.models.surgery import set_submodule
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 class BlockWork:
     """What a method's step gets for one block: the block and its keyword arguments on the compute device, its
     inputs (the outputs of the blocks before it, already compressed) and, when asked for, its targets (the dense
-    block's outputs on the dense inputs)."""
+    block's outputs on the dense or on these inputs: ``walk_blocks``' ``targets_from``)."""
 
     index: int
     prefix: str  # the block's module path, e.g. "model.layers.3"
@@ -109,6 +112,7 @@ def walk_blocks(
     step: BlockStep,
     *,
     needs_targets: bool = False,
+    targets_from: str = "dense",
     device: torch.device | str | None = None,
     resume: ResumeState | None = None,
     progress: bool = True,
@@ -123,8 +127,9 @@ def walk_blocks(
         model: a supported causal LM (its blocks are changed in place).
         calib_ids: (n, L) calibration token windows.
         step: the method's work on one block; returns the block's record.
-        needs_targets: also give the step the dense block's outputs on the dense inputs (a third set of
-            activations).
+        needs_targets: also give the step the dense block's outputs (a third set of activations).
+        targets_from: their inputs: "dense" (the dense model's, carried through the dense blocks) or "compressed"
+            (the block's own inputs, the compressed blocks' outputs).
         device: where the blocks and activations are computed (default: the model's device). Each block is moved
             there for its turn and back after it.
         resume: finished blocks are saved there and, when already there, replayed instead of recomputed (a damaged
@@ -136,8 +141,11 @@ def walk_blocks(
     Returns:
         One record per block, in order.
     """
+    if targets_from not in TARGETS_FROM:
+        raise ValueError(f"targets_from must be one of {TARGETS_FROM}, got {targets_from!r}")
     home = model_device(model)
     device = home if device is None else torch.device(device)
+    dense_stream = needs_targets and targets_from == "dense"
     new_store = store_factory(activation_budget_bytes, offload_dir, stores=3 if needs_targets else 2)
     inputs, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store(), device)
     dense_inputs = inputs  # block 0 sees the same inputs on both paths
@@ -149,6 +157,7 @@ def walk_blocks(
             block.to(device)
             kw = block_kwargs[b]
             targets = run_block(block, dense_inputs, kw, new_store()) if needs_targets else None
+            # (dense_inputs is inputs unless targets come from the dense model's inputs)
             record = _replay(resume, b, block, device, record_keys)
             if record is None:
                 record = step(BlockWork(b, block_prefix(model, b), block, kw, inputs, targets))
@@ -163,7 +172,9 @@ def walk_blocks(
                 dense_inputs.close()
             inputs.close()
             trim_heap()  # the block's dense layers and the old activations, back to the system
-            inputs, dense_inputs = outputs, (targets if needs_targets else outputs)
+            if targets is not None and not dense_stream:
+                targets.close()
+            inputs, dense_inputs = outputs, (targets if dense_stream else outputs)
     finally:
         for store in (inputs, dense_inputs, targets):
             if store is not None:
