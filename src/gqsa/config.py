@@ -7,15 +7,12 @@ next to every output and read back exactly.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from gqsa.quant.saliency import SALIENCIES as GROUP_SALIENCIES
-from gqsa.utils import jsonio
+from gqsa.utils.validated import FLAG, TEXT, Rule, ValidatedConfig, integer, number, one_of, power_of_two
 
 CONFIG_VERSION = 1
 
@@ -42,54 +39,8 @@ def parse_nm(pattern) -> tuple[int, int] | None:
     return (n, m) if 0 < n < m else None
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-class _Config:
-    """JSON round trip shared by the config dataclasses (nested configs are rebuilt by field type)."""
-
-    _nested: ClassVar[dict[str, type]] = {}
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, _Config) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(names)}")
-        kwargs = dict(data)
-        for name, sub in cls._nested.items():
-            if name in kwargs and isinstance(kwargs[name], dict):
-                kwargs[name] = sub.from_dict(kwargs[name])
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return jsonio.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cls.__name__}: invalid JSON: {exc}") from exc
-        return cls.from_dict(data)
-
-    def replace(self, **changes):
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
 @dataclass(frozen=True)
-class QuantSpec(_Config):
+class QuantSpec(ValidatedConfig):
     """How each kept group is quantized.
 
     Attributes:
@@ -107,22 +58,12 @@ class QuantSpec(_Config):
     symmetric: bool = False
     qparam_method: str = "minmax"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if (
-            not isinstance(self.group_size, int)
-            or not _is_power_of_two(self.group_size)
-            or not MIN_GROUP_SIZE <= self.group_size <= MAX_GROUP_SIZE
-        ):
-            raise ValueError(
-                f"QuantSpec.group_size must be a power of two from {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE}, "
-                f"got {self.group_size!r}"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
-        if self.qparam_method not in QPARAM_METHODS:
-            raise ValueError(f"QuantSpec.qparam_method must be one of {QPARAM_METHODS}, got {self.qparam_method!r}")
+    _rules: ClassVar[dict[str, Rule]] = {
+        "bits": one_of(SUPPORTED_BITS, integer=True),
+        "group_size": power_of_two(MIN_GROUP_SIZE, MAX_GROUP_SIZE),
+        "symmetric": FLAG,
+        "qparam_method": one_of(QPARAM_METHODS),
+    }
 
     @property
     def qmax(self) -> int:
@@ -139,7 +80,7 @@ class QuantSpec(_Config):
 
 
 @dataclass(frozen=True)
-class SparsitySpec(_Config):
+class SparsitySpec(ValidatedConfig):
     """How many groups are pruned and how the budget is allocated.
 
     Attributes:
@@ -158,19 +99,15 @@ class SparsitySpec(_Config):
     pattern: str = "group"
     model_spread: float = 0.1
 
-    def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-            raise ValueError(f"SparsitySpec.ratio must be a number, got {self.ratio!r}")
-        if not (0.0 <= float(self.ratio) < 1.0) or math.isnan(float(self.ratio)):
-            raise ValueError(f"SparsitySpec.ratio must be in [0, 1), got {self.ratio!r}")
-        object.__setattr__(self, "ratio", float(self.ratio))
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"SparsitySpec.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if not isinstance(self.pattern, str) or (self.pattern not in ("group", "unstructured") and not self.nm):
-            raise ValueError(
-                f"SparsitySpec.pattern must be 'group', 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), "
-                f"got {self.pattern!r}"
-            )
+    _rules: ClassVar[dict[str, Rule]] = {
+        "ratio": number(0.0, 1.0, hi_open=True),
+        "allocation": one_of(ALLOCATIONS),
+        "pattern": Rule("'group', 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')",
+                         lambda v: v in ("group", "unstructured") or parse_nm(v) is not None),
+        "model_spread": number(0.0, 1.0),
+    }
+
+    def _check(self) -> None:
         if self.nm:
             n, m = self.nm
             if abs(self.ratio - (1 - n / m)) > 1e-9:
@@ -181,13 +118,6 @@ class SparsitySpec(_Config):
             if self.allocation == "model":
                 raise ValueError(f"SparsitySpec: pattern {self.pattern!r} fixes every layer's ratio; "
                                  "allocation 'model' does not apply")
-        if (
-            isinstance(self.model_spread, bool)
-            or not isinstance(self.model_spread, (int, float))
-            or not 0.0 <= float(self.model_spread) <= 1.0
-        ):
-            raise ValueError(f"SparsitySpec.model_spread must be in [0, 1], got {self.model_spread!r}")
-        object.__setattr__(self, "model_spread", float(self.model_spread))
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -196,7 +126,7 @@ class SparsitySpec(_Config):
 
 
 @dataclass(frozen=True)
-class CalibSpec(_Config):
+class CalibSpec(ValidatedConfig):
     """Calibration text and windows.
 
     Attributes:
@@ -211,19 +141,13 @@ class CalibSpec(_Config):
     seq_len: int = 2048
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError(f"CalibSpec.dataset must be a non-empty string, got {self.dataset!r}")
-        for name in ("samples", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CalibSpec.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"CalibSpec.seed must be an integer, got {self.seed!r}")
+    _rules: ClassVar[dict[str, Rule]] = {
+        "dataset": TEXT, "samples": integer(1), "seq_len": integer(1), "seed": integer(),
+    }
 
 
 @dataclass(frozen=True)
-class OneShotSpec(_Config):
+class OneShotSpec(ValidatedConfig):
     """Settings of the calibrated one-shot step (method "gqsa").
 
     Attributes:
@@ -243,34 +167,16 @@ class OneShotSpec(_Config):
     block_size: int = 128
     static_qparams: bool = False
 
-    def __post_init__(self) -> None:
-        if self.saliency not in SALIENCIES:
-            raise ValueError(f"OneShotSpec.saliency must be one of {SALIENCIES}, got {self.saliency!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
-            raise ValueError(f"OneShotSpec.damp must be in (0, 1), got {self.damp!r}")
-        object.__setattr__(self, "damp", float(self.damp))
-        if (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or not _is_power_of_two(self.block_size)
-            or self.block_size < MIN_GROUP_SIZE
-        ):
-            raise ValueError(f"OneShotSpec.block_size must be a power of two >= 8, got {self.block_size!r}")
-        if not isinstance(self.static_qparams, bool):
-            raise ValueError(f"OneShotSpec.static_qparams must be a bool, got {self.static_qparams!r}")
-
-
-def _check_number(cls: str, name: str, value, lo: float, hi: float, integer: bool = False, lo_open=False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or math.isnan(float(value)) or not (
-        (lo < value if lo_open else lo <= value) and value <= hi
-    ):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{cls}.{name} must be {kind} in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+    _rules: ClassVar[dict[str, Rule]] = {
+        "saliency": one_of(SALIENCIES),
+        "damp": number(0.0, 1.0, lo_open=True, hi_open=True),
+        "block_size": power_of_two(MIN_GROUP_SIZE),
+        "static_qparams": FLAG,
+    }
 
 
 @dataclass(frozen=True)
-class BQPOSpec(_Config):
+class BQPOSpec(ValidatedConfig):
     """Block-wise training after the one-shot step (BQPO): each block's kept weights, scales and zero points are
     trained to make the compressed block's output on the compressed inputs match the dense block's output on
     the dense inputs. Masks stay fixed.
@@ -305,28 +211,28 @@ class BQPOSpec(_Config):
     mask_updates: int = 0
     targets: str = "dense"
 
-    def __post_init__(self) -> None:
-        c = "BQPOSpec"
-        if self.targets not in BQPO_TARGETS:
-            raise ValueError(f"BQPOSpec.targets must be one of {BQPO_TARGETS}, got {self.targets!r}")
-        _check_number(c, "mask_updates", self.mask_updates, 0, 1 << 20, integer=True)
+    _rules: ClassVar[dict[str, Rule]] = {
+        "epochs": integer(0, 1000),
+        "lr_weight": number(0, 1.0),
+        "lr_qparams": number(0, 1.0),
+        "weight_decay": number(0, 1.0),
+        "batch_size": integer(1, 1 << 20),
+        "grad_clip": number(0, 1e6),
+        "val_windows": integer(0, 1 << 20),
+        "patience": integer(1, 1000),
+        "seed": integer(),
+        "mask_updates": integer(0, 1 << 20),
+        "targets": one_of(BQPO_TARGETS),
+    }
+
+    def _check(self) -> None:
         if self.mask_updates and self.epochs == 1:
             raise ValueError("BQPOSpec.mask_updates needs at least 2 epochs (the last trains with the mask frozen), "
                              "got epochs 1")
-        _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
-        _check_number(c, "lr_weight", self.lr_weight, 0, 1.0)
-        _check_number(c, "lr_qparams", self.lr_qparams, 0, 1.0)
-        _check_number(c, "weight_decay", self.weight_decay, 0, 1.0)
-        _check_number(c, "batch_size", self.batch_size, 1, 1 << 20, integer=True)
-        _check_number(c, "grad_clip", self.grad_clip, 0, 1e6)
-        _check_number(c, "val_windows", self.val_windows, 0, 1 << 20, integer=True)
-        _check_number(c, "patience", self.patience, 1, 1000, integer=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"BQPOSpec.seed must be an integer, got {self.seed!r}")
 
 
 @dataclass(frozen=True)
-class E2ESpec(_Config):
+class E2ESpec(ValidatedConfig):
     """End-to-end training of the quantization parameters (E2E-OQP) after the block-wise steps: the integer
     codes and the masks are frozen; the scales (and, if asked, the zero points) of every layer train on the
     next-token loss of the calibration windows through the whole model.
@@ -361,26 +267,24 @@ class E2ESpec(_Config):
     distill: float = 0.0
     distill_top_k: int = 64
 
-    def __post_init__(self) -> None:
-        c = "E2ESpec"
-        _check_number(c, "distill", self.distill, 0, 1.0)
-        _check_number(c, "distill_top_k", self.distill_top_k, 1, 1 << 20, integer=True)
-        _check_number(c, "epochs", self.epochs, 0, 1000, integer=True)
-        _check_number(c, "lr", self.lr, 0, 1.0)
-        _check_number(c, "lr_zero_point", self.lr_zero_point, 0, 10.0)
-        _check_number(c, "batch_size", self.batch_size, 1, 1 << 20, integer=True)
-        _check_number(c, "grad_clip", self.grad_clip, 0, 1e6)
-        _check_number(c, "val_windows", self.val_windows, 0, 1 << 20, integer=True)
-        _check_number(c, "patience", self.patience, 1, 1000, integer=True)
-        for name in ("train_zero_point", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"E2ESpec.{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"E2ESpec.seed must be an integer, got {self.seed!r}")
+    _rules: ClassVar[dict[str, Rule]] = {
+        "epochs": integer(0, 1000),
+        "lr": number(0, 1.0),
+        "train_zero_point": FLAG,
+        "lr_zero_point": number(0, 10.0),
+        "batch_size": integer(1, 1 << 20),
+        "grad_clip": number(0, 1e6),
+        "val_windows": integer(0, 1 << 20),
+        "patience": integer(1, 1000),
+        "gradient_checkpointing": FLAG,
+        "seed": integer(),
+        "distill": number(0, 1.0),
+        "distill_top_k": integer(1, 1 << 20),
+    }
 
 
 @dataclass(frozen=True)
-class CompressConfig(_Config):
+class CompressConfig(ValidatedConfig):
     """The whole compression: which method, its quantization and sparsity, its calibration data.
 
     Attributes:
@@ -418,9 +322,9 @@ class CompressConfig(_Config):
     e2e: E2ESpec = field(default_factory=E2ESpec)
     version: int = CONFIG_VERSION
 
-    def __post_init__(self) -> None:
-        if self.method not in COMPRESS_METHODS:
-            raise ValueError(f"CompressConfig.method must be one of {COMPRESS_METHODS}, got {self.method!r}")
+    _rules: ClassVar[dict[str, Rule]] = {"method": one_of(COMPRESS_METHODS)}
+
+    def _check(self) -> None:
         for name, cls in self._nested.items():
             if name == "quant" and self.quant is None:
                 continue
