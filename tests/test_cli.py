@@ -92,7 +92,7 @@ def test_compress_overrides_reach_the_checkpoint(capsys, dense_dir, text_file, t
     [
         (("--group-size", 12), "group_size"),
         (("--group-size", 256), "does not divide in_features 64"),
-        (("--sparsity", 1.0), "ratio must be in"),
+        (("--sparsity", 1.0), "ratio must be a number in [0, 1)"),
         (("--bits", 5), "bits must be one of"),
         (("--preset", "w9s99"), "unknown preset"),
         (("--pattern", "2:4"), "method 'gqsa' prunes whole groups"),

@@ -31,7 +31,7 @@ def test_a_pattern_fixes_the_ratio_and_training_follows_the_method():
 @pytest.mark.parametrize("overrides,message", [
     ({"bitz": 4}, "unknown override"),
     ({"bits": 4}, "bits (--bits) do(es) not apply"),
-    ({"sparsity": 1.5}, "ratio must be in"),
+    ({"sparsity": 1.5}, "ratio must be a number in [0, 1)"),
 ])
 def test_bad_overrides_are_named(overrides, message):
     with pytest.raises(ValueError) as info:

@@ -100,11 +100,11 @@ class SparsitySpec(ValidatedConfig):
     model_spread: float = 0.1
 
     _rules: ClassVar[dict[str, Rule]] = {
-        "ratio": number(0.0, 1.0, hi_open=True),
+        "ratio": number(0, 1, hi_open=True),
         "allocation": one_of(ALLOCATIONS),
         "pattern": Rule("'group', 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')",
                          lambda v: v in ("group", "unstructured") or parse_nm(v) is not None),
-        "model_spread": number(0.0, 1.0),
+        "model_spread": number(0, 1),
     }
 
     def _check(self) -> None:
@@ -169,7 +169,7 @@ class OneShotSpec(ValidatedConfig):
 
     _rules: ClassVar[dict[str, Rule]] = {
         "saliency": one_of(SALIENCIES),
-        "damp": number(0.0, 1.0, lo_open=True, hi_open=True),
+        "damp": number(0, 1, lo_open=True, hi_open=True),
         "block_size": power_of_two(MIN_GROUP_SIZE),
         "static_qparams": FLAG,
     }
