@@ -10,7 +10,7 @@ DEMO_PRESET ?= w4s50
 
 .PHONY: install demo test clean
 
-$(VENV)/.installed: pyproject.toml setup.py csrc/gqsa_cpu.c Makefile
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"

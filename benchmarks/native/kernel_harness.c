@@ -3,18 +3,18 @@
  * 50% kept groups (4 copies, rotated), thread CPU time per call. Separates the kernel's own cost from the Python wrapper
  * and from the other jobs of a shared machine (CPU time, not wall time).
  *
- *   PY=.venv/bin/python; INC=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
- *   LIB=$($PY -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
- *   gcc -O3 -fopenmp -I$INC benchmarks/native/kernel_harness.c -o /tmp/harness -L$LIB -lpython3.11 -lm
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness        # asymmetric (stored zero points)
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness s      # symmetric
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 16   # batch 16
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 576 576 5000   # batch 1, N x K = 576 x 576, 5000 calls
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 200 16  # 16 copies (105 MB): from DRAM
- *   LD_LIBRARY_PATH=$LIB OMP_NUM_THREADS=1 /tmp/harness a 1 256 4096 4000 1   # one 0.4 MB copy: from L2
+ * Built from the kernel files of csrc/ without binding.c (no Python needed), with the flags setup.py uses:
+ *   gcc -O3 -std=c11 -fopenmp benchmarks/native/kernel_harness.c csrc/driver.c csrc/kernel_*.c -o /tmp/harness -lm
+ *   OMP_NUM_THREADS=1 /tmp/harness        # asymmetric (stored zero points)
+ *   OMP_NUM_THREADS=1 /tmp/harness s      # symmetric
+ *   OMP_NUM_THREADS=1 /tmp/harness a 16   # batch 16
+ *   OMP_NUM_THREADS=1 /tmp/harness a 1 576 576 5000   # batch 1, N x K = 576 x 576, 5000 calls
+ *   OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 200 16  # 16 copies (105 MB): from DRAM
+ *   OMP_NUM_THREADS=1 /tmp/harness a 1 256 4096 4000 1   # one 0.4 MB copy: from L2
  * Arguments: symmetry, batch M, N, K, calls, copies (default 4, at most 64). It prints ns per kept group too.
  */
-#include "../../csrc/gqsa_cpu.c"
+#include "../../csrc/gqsa_cpu.h"
+#include <stdio.h>
 #include <time.h>
 static double now(void){struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t); return t.tv_sec+1e-9*t.tv_nsec;}
 int main(int argc, char **argv){

@@ -1,6 +1,6 @@
 """Native CPU kernels for ``gqsa::linear``: the ``cpu`` (task-centric) and ``cpu-rowsplit`` backends.
 
-The C code is csrc/gqsa_cpu.c, built by setup.py as the optional extension ``gqsa._native_cpu``; it is imported
+The C code is csrc/ (gqsa_cpu.h maps its files), built by setup.py as the optional extension ``gqsa._native_cpu``; it is imported
 lazily (on the first call or availability check), never by ``import gqsa``. Where it was not built both
 kernels report themselves unavailable and ``backend="auto"`` falls back to the reference.
 

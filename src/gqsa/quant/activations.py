@@ -1,7 +1,7 @@
 """Dynamic int8 quantization of activations, per group of 16 columns (the ``cpu-a8`` kernel's input).
 
 For every row of x and every 16 consecutive columns: ``xs = amax / 127`` and ``xq = round_half_even(x * (127 /
-amax))`` (0 where the group is all zero), all in float32. The native kernel (csrc/gqsa_cpu.c, ``quantize_x``)
+amax))`` (0 where the group is all zero), all in float32. The native kernel (csrc/kernel_a8.c, ``quantize_x``)
 computes the same numbers bit for bit; ``dequantize_activations(quantize_activations(x))`` is what the kernel
 multiplies, so the reference op applied to it is the kernel's oracle.
 """
