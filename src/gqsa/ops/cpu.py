@@ -2,7 +2,8 @@
 
 The C code is csrc/ (gqsa_cpu.h maps its files), built by setup.py as the optional extension
 ``gqsa._native_cpu``; it is imported lazily (on the first call or availability check), never by
-``import gqsa``. Where it was not built both kernels report themselves unavailable and ``backend="auto"`` falls back to the reference.
+``import gqsa``. Where it was not built both kernels report themselves unavailable and ``backend="auto"``
+falls back to the reference.
 
 How the work is split over T threads (torch.get_num_threads(), fewer for small matrices: at least
 ``MIN_GROUPS_PER_THREAD`` kept groups each):
