@@ -152,10 +152,12 @@ def test_float_baseline_preset_saves_a_plain_checkpoint_the_evaluation_loads(cap
 def test_model_allocation_through_the_cli(capsys, dense_dir, text_file, tmp_path):
     out_dir = tmp_path / "model-alloc"
     code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--allocation", "model",
-                        "--activation-budget-mb", 0, *calib(text_file))
+                        "--activation-budget-mb", 0, "--host-activation-budget-mb", 3, "--device", "cpu",
+                        *calib(text_file))
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["activation_budget_bytes"] == 0 and len(report["groups_pruned_per_layer"]) == 14
+    assert report["host_activation_budget_bytes"] == 3 * 2**20
 
 
 def test_bqpo_and_e2e_flags_reach_the_config_and_the_report(capsys, dense_dir, text_file, tmp_path):

@@ -76,7 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--e2e-distill-top-k", type=int, metavar="K",
                    help="tokens of the dense model's distribution kept per position for --e2e-distill")
     c.add_argument("--activation-budget-mb", type=int, default=None,
-                   help="memory for calibration activations; beyond it they go to disk (default: a quarter of RAM)")
+                   help="memory for calibration activations on the compute device (default: a quarter of its "
+                        "memory); beyond it a GPU's go to host memory, then to disk")
+    c.add_argument("--host-activation-budget-mb", type=int, default=None,
+                   help="host memory for a GPU's calibration activations past --activation-budget-mb (default: a "
+                        "quarter of RAM); beyond it they go to disk")
     c.add_argument("--offload-dir", default=None, help="where offloaded activations go (default: system temp dir)")
     c.add_argument("--lazy-load", action="store_true",
                    help="read the model block by block from its safetensors shards: host memory holds one dense "
@@ -160,14 +164,12 @@ def _resolve_compress_config(args):
         e2e_distill=args.e2e_distill, e2e_distill_top_k=args.e2e_distill_top_k)
 
 
-def _activation_budget_bytes(mb: int | None) -> int:
-    """``mb`` MiB, or a quarter of the machine's physical memory when not given."""
-    from gqsa.compress import default_activation_budget
-
+def _mib(mb: int | None, flag: str) -> int | None:
+    """``mb`` MiB in bytes (None: not given, the library's default)."""
     if mb is None:
-        return default_activation_budget()
+        return None
     if mb < 0:
-        raise ValueError(f"--activation-budget-mb must be >= 0, got {mb}")
+        raise ValueError(f"{flag} must be >= 0, got {mb}")
     return mb * 2**20
 
 
@@ -211,10 +213,10 @@ def cmd_compress(args) -> int:
         heldout = HeldoutSpec(source=args.eval_text_file or args.eval_dataset or "wiki", seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens or None, batch_size=args.eval_batch_size)
     out = Path(args.out)
-    budget = _activation_budget_bytes(args.activation_budget_mb)
     report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,
-                 activation_budget_bytes=budget, offload_dir=args.offload_dir, device=device,
-                 lazy_load=args.lazy_load)
+                 activation_budget_bytes=_mib(args.activation_budget_mb, "--activation-budget-mb"),
+                 host_activation_budget_bytes=_mib(args.host_activation_budget_mb, "--host-activation-budget-mb"),
+                 offload_dir=args.offload_dir, device=device, lazy_load=args.lazy_load)
     packed = config.sparsity.pattern == "group"
     if args.json:
         print(jsonio.dumps(report, indent=1))

@@ -47,12 +47,23 @@ class HeldoutSpec:
     batch_size: int = 1
 
 
-def default_activation_budget() -> int:
-    """Bytes of calibration activations kept in memory when none is given: a quarter of physical memory."""
+def default_activation_budget(device: torch.device | str | None = None) -> int:
+    """Bytes of calibration activations kept on ``device`` when none is given: a quarter of its memory (of the
+    machine's physical memory for the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 4 * 2**30
+
+
+def default_host_activation_budget(device: torch.device | str | None = None) -> int:
+    """Bytes of a GPU's calibration activations kept in host memory past the device's budget when none is given:
+    a quarter of physical memory; 0 for the CPU (its activations are in host memory already)."""
+    if device is None or torch.device(device).type == "cpu":
+        return 0
+    return default_activation_budget("cpu")
 
 
 def run(
@@ -66,6 +77,7 @@ def run(
     sample_prompt: str | None = None,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    host_activation_budget_bytes: int | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
     lazy_load: bool = False,
@@ -80,8 +92,9 @@ def run(
         model: a Hugging Face model directory or .gguf file; None: the default model (SmolLM2-135M-Instruct).
         heldout: measure held-out perplexity before and after (``report["ppl_before"]``, ``["ppl_after"]``).
         sample_prompt: also generate 48 tokens after this prompt with the compressed model (``report["sample"]``).
-        activation_budget_bytes: calibration activations kept in memory (default: a quarter of physical memory);
-            the rest go to ``offload_dir``.
+        activation_budget_bytes: calibration activations kept on ``device`` (default: a quarter of its memory);
+            past it a GPU's go to host memory up to ``host_activation_budget_bytes`` (default: a quarter of
+            physical memory), the rest to ``offload_dir``.
         device: where the calibrated methods, E2E-OQP, the perplexity and the sample compute (``compress_model``);
             the model is loaded on the CPU and saved from there. Default: the CPU.
         lazy_load: read the dense model block by block from its safetensors shards (``gqsa.models.lazy``): host
@@ -111,13 +124,16 @@ def run(
     with OutputLock(out):  # a second run on the same output fails here, naming this one
         remove_stale_temporaries(out.parent)
         check_output_dir(out, overwrite)  # again, now that no other run can be writing it
-        budget = default_activation_budget() if activation_budget_bytes is None else activation_budget_bytes
-        return _run_locked(out, config, model, overwrite, heldout, sample_prompt, budget, offload_dir, progress,
-                           None if device is None else torch.device(device), lazy_load)
+        device = None if device is None else torch.device(device)
+        budget = default_activation_budget(device) if activation_budget_bytes is None else activation_budget_bytes
+        host = (default_host_activation_budget(device) if host_activation_budget_bytes is None
+                else host_activation_budget_bytes)
+        return _run_locked(out, config, model, overwrite, heldout, sample_prompt, (budget, host), offload_dir,
+                           progress, device, lazy_load)
 
 
 def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, heldout: HeldoutSpec | None,
-                sample_prompt: str | None, budget: int, offload_dir: str | None, progress: bool,
+                sample_prompt: str | None, budgets: tuple[int, int], offload_dir: str | None, progress: bool,
                 device: torch.device | None, lazy_load: bool) -> dict:
     """``run`` once the output is checked and locked: load, measure, compress, measure, save."""
     import gqsa
@@ -139,11 +155,14 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
         with on_device(model, device):
             report["ppl_before"] = _heldout(model, tokenizer, heldout)
+    budget, host_budget = budgets
     report["activation_budget_bytes"] = budget
+    report["host_activation_budget_bytes"] = host_budget
     resume = resume_dir(out) if calib_ids is not None else None
     try:
         report.update(compress_model(model, config, calib_ids=calib_ids, progress=progress,
                                      activation_budget_bytes=budget, offload_dir=offload_dir,
+                                     host_activation_budget_bytes=host_budget,
                                      resume_dir=None if resume is None else str(resume), device=device))
     except BaseException:
         if resume is not None and not any(resume.glob("block_*.json")):

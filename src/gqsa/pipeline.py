@@ -275,6 +275,7 @@ def compress_model(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    host_activation_budget_bytes: int = 0,
     resume_dir: str | None = None,
     device: torch.device | str | None = None,
 ) -> dict:
@@ -286,8 +287,9 @@ def compress_model(
         calib_ids: (samples, seq_len) calibration token windows (``calibration_ids``); needed by every method
             but "magnitude".
         progress: show progress bars.
-        activation_budget_bytes: memory for calibration activations; the rest goes to ``offload_dir`` (default:
-            the system temporary directory). None = no limit.
+        activation_budget_bytes: memory for calibration activations where they are computed (``device``); past
+            it a GPU's go to host memory up to ``host_activation_budget_bytes``, and the rest to ``offload_dir``
+            (default: the system temporary directory). None = no limit.
         resume_dir: with a calibrated method, every finished block is saved here, and blocks already saved there
             by an interrupted run of the same settings on the same model are checked and replayed
             (``gqsa.algorithms.resume``); state of other settings is discarded.
@@ -318,7 +320,8 @@ def compress_model(
         if calib_ids is None:
             raise ValueError(f"method {config.method!r} needs calibration windows (calib_ids); "
                              "see gqsa.compress.calibration_ids")
-        store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir}
+        store = {"activation_budget_bytes": activation_budget_bytes, "offload_dir": offload_dir,
+                 "host_activation_budget_bytes": host_activation_budget_bytes}
         layers, counts, blocks = _compress_calibrated(model, config, calib_ids, progress, store, resume_dir,
                                                       device)
     e2e = None

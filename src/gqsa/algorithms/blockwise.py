@@ -112,6 +112,7 @@ def compress_blockwise(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    host_activation_budget_bytes: int = 0,
     desc: str = "compressing blocks",
     device: torch.device | str | None = None,
     resume: ResumeState | None = None,
@@ -126,6 +127,7 @@ def compress_blockwise(
         activation_budget_bytes: memory for the activations of all windows (a block's inputs and outputs
             together); beyond it they are written to ``offload_dir``. None = no limit.
         offload_dir: where spilled activations go (default: the system temporary directory).
+        host_activation_budget_bytes: host memory for a GPU's activations past ``activation_budget_bytes``.
         desc: progress bar label.
         device: where each block is compressed (default: the model's device).
         resume: finished blocks saved there, and replayed from there (``walk_blocks``).
@@ -139,5 +141,6 @@ def compress_blockwise(
         return {"layers": compress_block_linears(work.block, work.prefix, stats, compress_linear)}
 
     records = walk_blocks(model, calib_ids, step, device=device, resume=resume, progress=progress, desc=desc,
-                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir)
+                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir,
+                          host_activation_budget_bytes=host_activation_budget_bytes)
     return [layer for record in records for layer in record["layers"]]

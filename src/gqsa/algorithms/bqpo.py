@@ -131,6 +131,7 @@ def compress_blockwise_bqpo(
     progress: bool = True,
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    host_activation_budget_bytes: int = 0,
     resume: ResumeState | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[list[dict], list[dict]]:
@@ -156,7 +157,8 @@ def compress_blockwise_bqpo(
 
     records = walk_blocks(model, calib_ids, step, needs_targets=True, targets_from=spec.targets, device=device,
                           resume=resume, progress=progress, desc="compressing + BQPO", record_keys=("layers", "bqpo"),
-                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir)
+                          activation_budget_bytes=activation_budget_bytes, offload_dir=offload_dir,
+                          host_activation_budget_bytes=host_activation_budget_bytes)
     return [layer for r in records for layer in r["layers"]], [r["bqpo"] for r in records]
 
 

@@ -100,10 +100,12 @@ def run_block(block: nn.Module, hidden: ActivationStore, kwargs: dict, out: Acti
     return out
 
 
-def store_factory(activation_budget_bytes: int | None, offload_dir: str | None, stores: int = 2):
-    """A function making ActivationStores that share ``activation_budget_bytes`` among ``stores`` live ones."""
+def store_factory(activation_budget_bytes: int | None, offload_dir: str | None, stores: int = 2,
+                  host_activation_budget_bytes: int = 0):
+    """A function making ActivationStores that share both budgets (the device's and the host memory's) among
+    ``stores`` live ones."""
     share = None if activation_budget_bytes is None else activation_budget_bytes // stores
-    return lambda: ActivationStore(share, offload_dir)
+    return lambda: ActivationStore(share, offload_dir, host_activation_budget_bytes // stores)
 
 
 def walk_blocks(
@@ -119,6 +121,7 @@ def walk_blocks(
     desc: str = "compressing blocks",
     activation_budget_bytes: int | None = None,
     offload_dir: str | None = None,
+    host_activation_budget_bytes: int = 0,
     record_keys: tuple[str, ...] = ("layers",),
 ) -> list[dict]:
     """Run ``step`` on every decoder block of ``model``, in order (see the module docstring).
@@ -134,8 +137,9 @@ def walk_blocks(
             there for its turn and back after it.
         resume: finished blocks are saved there and, when already there, replayed instead of recomputed (a damaged
             entry is recomputed, with every later block).
-        activation_budget_bytes: memory for all live activation sets together; beyond it they go to
-            ``offload_dir`` (default: the system temporary directory). None = no limit.
+        activation_budget_bytes: memory on the compute device for all live activation sets together; beyond it
+            a GPU's go to host memory up to ``host_activation_budget_bytes``, then to ``offload_dir`` (default:
+            the system temporary directory). None = no limit.
         record_keys: what a replayed record must hold to be trusted.
 
     Returns:
@@ -146,7 +150,8 @@ def walk_blocks(
     home = model_device(model)
     device = home if device is None else torch.device(device)
     dense_stream = needs_targets and targets_from == "dense"
-    new_store = store_factory(activation_budget_bytes, offload_dir, stores=3 if needs_targets else 2)
+    new_store = store_factory(activation_budget_bytes, offload_dir, 3 if needs_targets else 2,
+                              host_activation_budget_bytes)
     inputs, block_kwargs = capture_calibration_inputs(model, calib_ids, new_store(), device)
     dense_inputs = inputs  # block 0 sees the same inputs on both paths
     targets = None
