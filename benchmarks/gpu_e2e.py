@@ -68,7 +68,6 @@ import gc
 import importlib.metadata
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -398,14 +397,12 @@ def _version(package: str) -> str:
 def machine_info(device) -> dict:
     import torch
 
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        rev = "unknown"
+    from gqsa.bench.kernel_common import git_revision
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
-            "transformers": _version("transformers"), "git_revision": rev, "python": platform.python_version()}
+            "transformers": _version("transformers"), "git_revision": git_revision(),
+            "python": platform.python_version()}
 
 
 def _x(value: float | None) -> str:

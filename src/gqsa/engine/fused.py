@@ -149,7 +149,9 @@ class FusedDecoder:
     """The forward pass of a Llama-family causal LM (llama, mistral, qwen2, qwen3) for batch 1, from its tensors.
 
     Built once per model (see :func:`fused_decoder`); holds no per-sequence state: the KV cache is an argument.
-    Run it under ``torch.inference_mode()`` (``generate`` does).
+    Run it under ``torch.inference_mode()`` (``generate`` does). The eager step reads ``blocks`` (per block its
+    linear layers as callables: ``qkv`` or ``qkv_parts``, ``o_proj``, ``gate_up`` or ``gate`` and ``up``, ``down``)
+    and ``lm_head`` at every call.
 
     Args:
         model: a supported transformers causal LM in eval mode, dense or with ``GQSALinear`` layers.
@@ -313,19 +315,6 @@ class FusedDecoder:
         """``decode_one_token`` with the position as a (1,) int64 tensor on the device and every shape fixed by
         the cache (what ``gqsa.engine.graph_step`` captures in a CUDA graph); (1, vocab) logits."""
         return self._run_embedded(self.blocks, self.lm_head, self.embed(token), position, cache)
-
-    def instrumented_decode_one_token(self, wrap: Callable[[str, Linear], Linear]
-                                      ) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
-        """``decode_one_token`` with every linear call ``f`` replaced by ``wrap(component, f)``, component
-        "linear layers" or "lm head" (for profiling: ``gqsa bench e2e --profile``)."""
-        blocks = [_Block(b, shared, lambda m: wrap("linear layers", _linear_fn(m)))
-                  for b, shared in zip(self.parts.blocks, self.shared)]
-        lm_head = wrap("lm head", _linear_fn(self.parts.lm_head))
-
-        def step(token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-            return self._run(blocks, lm_head, token, position, cache)
-
-        return step
 
     def compiled_decode_one_token(self) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
         """``decode_one_token`` compiled by ``torch.compile`` (compiled on its first call; the position is a
