@@ -8,7 +8,8 @@ and head are not what is measured) and ``--blocks`` decoder blocks is compressed
 
 * one-shot: method gqsa, W4 g16, 50% of groups pruned, OBS saliency, on ``--windows`` x ``--seq-len`` tokens;
 * BQPO: the same one-shot step, then one BQPO epoch over ``--bqpo-windows`` windows (one held out for its early
-  stopping, the others trained on).
+  stopping, the others trained on), once per ``--train-dtype`` (float32; bfloat16 computes under autocast), with
+  the block's held-out output MSE after training, so that a faster dtype is also seen to train as well.
 
 Reported per stage: wall seconds per block (compress_model's own wall time over the blocks; the calibration
 capture included), and the time for Llama-2-7B's 32 blocks extrapolated linearly in blocks and, for BQPO, in
@@ -54,7 +55,7 @@ def stage(name: str, args: argparse.Namespace, config: CompressConfig) -> dict:
     if args.device != "cpu":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    compress_model(model, config, calib_ids=calib, progress=False, device=args.device)
+    report = compress_model(model, config, calib_ids=calib, progress=False, device=args.device)
     if args.device != "cpu":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -62,6 +63,8 @@ def stage(name: str, args: argparse.Namespace, config: CompressConfig) -> dict:
     row = {"stage": name, "blocks": args.blocks, "windows": config.calib.samples, "seq_len": config.calib.seq_len,
            "seconds": seconds, "seconds_per_block": per_block, "model_7b_minutes": per_block * BLOCKS_7B / 60}
     if config.bqpo.epochs:
+        row["train_dtype"] = config.bqpo.train_dtype
+        row["bqpo_loss"] = [[b["loss_before"], b["loss_after"]] for b in report["bqpo_blocks"]]
         oneshot = args.oneshot_seconds_per_block
         train = max(0.0, per_block - oneshot)
         trained = (config.calib.samples - config.bqpo.val_windows) * config.calib.seq_len  # tokens trained on
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--bqpo-windows", type=int, default=8, help="at least 2 (one is held out); 0: skip the BQPO stage")
+    p.add_argument("--train-dtype", default="float32", help="BQPO compute dtypes, comma-separated (float32,bfloat16)")
     p.add_argument("--target-windows", type=int, default=128)
     p.add_argument("--target-seq-len", type=int, default=2048)
     p.add_argument("--json")
@@ -90,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [stage("one-shot", args, CompressConfig(calib=CalibSpec(samples=args.windows, seq_len=args.seq_len),
                                                    **quant))]
     args.oneshot_seconds_per_block = rows[0]["seconds_per_block"]
-    if args.bqpo_windows:
-        bqpo = BQPOSpec(epochs=1, val_windows=1, batch_size=1)
-        rows.append(stage("one-shot + BQPO 1 epoch", args,
-                          CompressConfig(calib=CalibSpec(samples=args.bqpo_windows, seq_len=args.seq_len), bqpo=bqpo,
-                                         **quant)))
+    for dtype in args.train_dtype.split(",") if args.bqpo_windows else ():
+        bqpo = BQPOSpec(epochs=1, val_windows=1, batch_size=1, train_dtype=dtype)
+        name = "one-shot + BQPO 1 epoch" + ("" if dtype == "float32" else f" ({dtype})")
+        rows.append(stage(name, args, CompressConfig(calib=CalibSpec(samples=args.bqpo_windows, seq_len=args.seq_len),
+                                                     bqpo=bqpo, **quant)))
     machine = {"device": args.device, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "gqsa": git_revision()}
     if args.device != "cpu":
@@ -102,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Llama-2-7B-shaped blocks, W4 g16 S50, device {args.device}, {machine['threads']} threads, "
              f"gqsa {machine['gqsa']}", "",
              "| stage | windows x tokens | s per block | 7B (32 blocks) | at 128 x 2048 tokens, per block (est.) "
-             "| 7B at 128 x 2048 (est.) |", "|---|---|---:|---:|---:|---:|"]
+             "| 7B at 128 x 2048 (est.) | block MSE before -> after BQPO |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         est = (f"{r['target_seconds_per_block_est']:.0f} s | {r['target_7b_minutes_est']:.0f} min"
                if "target_seconds_per_block_est" in r else "- | -")
+        loss = "; ".join(f"{a:.4g} -> {b:.4g}" for a, b in r.get("bqpo_loss", [])) or "-"
         lines.append(f"| {r['stage']} | {r['windows']} x {r['seq_len']} | {r['seconds_per_block']:.1f} | "
-                     f"{r['model_7b_minutes']:.1f} min | {est} |")
+                     f"{r['model_7b_minutes']:.1f} min | {est} | {loss} |")
     text = "\n".join(lines)
     print(text)
     if args.json:

@@ -68,6 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bqpo-targets", choices=("dense", "compressed"),
                    help="BQPO matches the dense block's outputs on the dense model's inputs (default) or on the "
                         "compressed model's inputs")
+    c.add_argument("--train-dtype", choices=("float32", "bfloat16"),
+                   help="BQPO and E2E-OQP compute in this dtype (bfloat16: autocast; trained values stay float32)")
     c.add_argument("--e2e-epochs", type=int, help="end-to-end training epochs of the scales (0 = off; w4s*: 3)")
     c.add_argument("--e2e-lr", type=float, help="E2E-OQP learning rate of the scales")
     c.add_argument("--e2e-zero-point", action="store_true", help="E2E-OQP also trains the zero points")
@@ -159,7 +161,7 @@ def _resolve_compress_config(args):
         symmetric=True if args.symmetric else None, qparams=args.qparams, saliency=args.saliency, damp=args.damp,
         calib_dataset=args.calib_dataset, calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
         bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight, bqpo_lr_qparams=args.bqpo_lr_qparams,
-        bqpo_mask_updates=args.bqpo_mask_updates, bqpo_targets=args.bqpo_targets,
+        bqpo_mask_updates=args.bqpo_mask_updates, bqpo_targets=args.bqpo_targets, train_dtype=args.train_dtype,
         e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_zero_point=True if args.e2e_zero_point else None,
         e2e_distill=args.e2e_distill, e2e_distill_top_k=args.e2e_distill_top_k)
 

@@ -18,6 +18,7 @@ CONFIG_VERSION = 1
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 BQPO_TARGETS = ("dense", "compressed")  # the inputs of the dense block whose outputs BQPO trains towards
+TRAIN_DTYPES = ("float32", "bfloat16")  # what BQPO and E2E-OQP compute in (trainable parameters stay float32)
 MIN_GROUP_SIZE = 8
 MAX_GROUP_SIZE = 256
 QPARAM_METHODS = ("minmax", "mse")
@@ -197,6 +198,8 @@ class BQPOSpec(ValidatedConfig):
         targets: the dense block's outputs to match on the compressed inputs, computed on "dense" (the dense
             model's inputs, so a block also corrects the error of the blocks before it) or on "compressed" (the
             same compressed inputs: each block only reproduces its own dense function).
+        train_dtype: "float32", or "bfloat16" to compute the block under autocast (the trainable weights, scales
+            and zero points and the optimizer state stay float32).
     """
 
     epochs: int = 0
@@ -210,6 +213,7 @@ class BQPOSpec(ValidatedConfig):
     seed: int = 0
     mask_updates: int = 0
     targets: str = "dense"
+    train_dtype: str = "float32"
 
     _rules: ClassVar[dict[str, Rule]] = {
         "epochs": integer(0, 1000),
@@ -223,6 +227,7 @@ class BQPOSpec(ValidatedConfig):
         "seed": integer(),
         "mask_updates": integer(0, 1 << 20),
         "targets": one_of(BQPO_TARGETS),
+        "train_dtype": one_of(TRAIN_DTYPES),
     }
 
     def _check(self) -> None:
@@ -252,6 +257,8 @@ class E2ESpec(ValidatedConfig):
             KL(dense model || compressed model)`` on the next-token distributions (``gqsa.algorithms.distill``;
             the dense model's top-k is computed before compression). 0 = the next-token loss only.
         distill_top_k: tokens of the dense model's distribution kept per position (the rest is one outcome).
+        train_dtype: "float32", or "bfloat16" to compute the model under autocast (the scales and zero points
+            and the optimizer state stay float32).
     """
 
     epochs: int = 0
@@ -266,6 +273,7 @@ class E2ESpec(ValidatedConfig):
     seed: int = 0
     distill: float = 0.0
     distill_top_k: int = 64
+    train_dtype: str = "float32"
 
     _rules: ClassVar[dict[str, Rule]] = {
         "epochs": integer(0, 1000),
@@ -280,6 +288,7 @@ class E2ESpec(ValidatedConfig):
         "seed": integer(),
         "distill": number(0, 1.0),
         "distill_top_k": integer(1, 1 << 20),
+        "train_dtype": one_of(TRAIN_DTYPES),
     }
 
 

@@ -118,6 +118,7 @@ class Overrides:
     bqpo_lr_qparams: float | None = None
     bqpo_mask_updates: int | None = None
     bqpo_targets: str | None = None
+    train_dtype: str | None = None
     e2e_epochs: int | None = None
     e2e_lr: float | None = None
     e2e_zero_point: bool | None = None
@@ -189,7 +190,7 @@ def resolve_config(name: str = "w4s50", fast_variant: bool = False, **overrides)
                         seed=o.seed),
         oneshot=_override(cfg.oneshot, saliency=o.saliency, damp=o.damp),
         bqpo=_override(bqpo, epochs=o.bqpo_epochs, lr_weight=o.bqpo_lr_weight, lr_qparams=o.bqpo_lr_qparams,
-                       mask_updates=mask_updates, targets=o.bqpo_targets),
+                       mask_updates=mask_updates, targets=o.bqpo_targets, train_dtype=o.train_dtype),
         e2e=_override(e2e, epochs=o.e2e_epochs, lr=o.e2e_lr, train_zero_point=True if o.e2e_zero_point else None,
-                      distill=o.e2e_distill, distill_top_k=o.e2e_distill_top_k),
+                      distill=o.e2e_distill, distill_top_k=o.e2e_distill_top_k, train_dtype=o.train_dtype),
     )

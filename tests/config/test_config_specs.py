@@ -178,10 +178,11 @@ def test_to_dict_is_plain_nested_json():
         "calib": {"dataset": "c4", "samples": 7, "seq_len": 333, "seed": -5},
         "oneshot": {"saliency": "obs", "damp": 0.01, "block_size": 128, "static_qparams": False},
         "bqpo": {"epochs": 0, "lr_weight": 1e-3, "lr_qparams": 1e-2, "weight_decay": 0.0, "batch_size": 1,
-                 "grad_clip": 1.0, "val_windows": 4, "patience": 1, "seed": 0, "mask_updates": 0, "targets": "dense"},
+                 "grad_clip": 1.0, "val_windows": 4, "patience": 1, "seed": 0, "mask_updates": 0, "targets": "dense",
+                 "train_dtype": "float32"},
         "e2e": {"epochs": 0, "lr": 1e-4, "train_zero_point": False, "lr_zero_point": 1e-2, "batch_size": 1,
                 "grad_clip": 1.0, "val_windows": 4, "patience": 1, "gradient_checkpointing": True, "seed": 0,
-                "distill": 0.0, "distill_top_k": 64},
+                "distill": 0.0, "distill_top_k": 64, "train_dtype": "float32"},
         "version": CONFIG_VERSION,
     }
     assert json.loads(json.dumps(d)) == d

@@ -115,6 +115,7 @@ def train_block(
             lambda i: _window_loss(block, kwargs, inputs[i], targets[i]),
             len(inputs), spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, seed,
             label="BQPO", on_step=on_step if updates else None, state=[m.mask for m in learners.values()],
+            autocast=getattr(torch, spec.train_dtype) if spec.train_dtype != "float32" else None,
         ) | ({"mask_updates": revived} if updates else {})
     finally:
         for p, flag in requires.items():

@@ -107,7 +107,8 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
             groups.append({"params": zeros, "lr": spec.lr_zero_point, "weight_decay": 0.0})
         result = fit(groups, window_loss, calib_ids.shape[0],
                      spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, spec.seed,
-                     label="E2E-OQP", progress=progress)
+                     label="E2E-OQP", progress=progress,
+                     autocast=getattr(torch, spec.train_dtype) if spec.train_dtype != "float32" else None)
     finally:
         if checkpointing:
             _checkpointing(model, False)

@@ -28,6 +28,7 @@ def fit(
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
     state: list[torch.Tensor] = (),
+    autocast: torch.dtype | None = None,
 ) -> dict:
     """Minimise the mean of ``window_loss(i)`` over training windows.
 
@@ -42,6 +43,8 @@ def fit(
         on_step: called with the number of optimizer steps taken, after each step.
         state: tensors that change outside the optimizer (e.g. masks ``on_step`` chooses again): saved and
             restored with the parameters.
+        autocast: compute every loss (training and held-out) under ``torch.autocast`` to this dtype (e.g.
+            bfloat16) on the parameters' device; the parameters and the optimizer state stay in their own dtype.
 
     Returns:
         {"loss_before", "loss_after" (held-out, or training windows if none held out), "epochs_run", "steps"}.
@@ -57,6 +60,13 @@ def fit(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     )
     gen = torch.Generator().manual_seed(seed)
+    if autocast is not None:
+        plain_loss = window_loss
+        device_type = params[0].device.type
+
+        def window_loss(i: int) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=autocast):
+                return plain_loss(i).float()
 
     def held_out() -> float:
         with torch.no_grad():
