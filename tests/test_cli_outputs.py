@@ -196,7 +196,7 @@ def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
 def test_stale_activation_spills_are_removed(tmp_path):
     import torch
 
-    from gqsa.algorithms.activations import ActivationStore
+    from gqsa.algorithms.activation_store import ActivationStore
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

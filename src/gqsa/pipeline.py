@@ -108,7 +108,7 @@ def _compress_data_free(
     model: nn.Module, linears: dict[str, nn.Linear], config: CompressConfig, progress: bool
 ) -> list[dict]:
     """Method "magnitude": group pattern -> packed layers; unstructured / N:M -> layers pruned in float."""
-    from gqsa.algorithms.float_sparse import magnitude_prune
+    from gqsa.algorithms.float_pruning import magnitude_prune
     from gqsa.algorithms.magnitude import magnitude_pack
     from gqsa.models.lazy import lazy_weights
 
@@ -159,7 +159,7 @@ def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | Non
     ``prune_counts`` (allocation "model") gives each layer's number of pruned groups; the groups are then chosen
     over the whole matrix.
     """
-    from gqsa.algorithms.float_sparse import sparsegpt_prune, wanda_prune
+    from gqsa.algorithms.float_pruning import sparsegpt_prune, wanda_prune
     from gqsa.algorithms.hessian import damped_inverse_cholesky
     from gqsa.algorithms.oneshot import gqsa_oneshot_linear
 

@@ -1,6 +1,6 @@
 """The int8-activation kernel ("cpu-a8"): x quantized per 16 columns, integer dot products.
 
-Its oracle is the reference op applied to the dequantized int8 activations (gqsa.quant.activations), which the
+Its oracle is the reference op applied to the dequantized int8 activations (gqsa.quant.int8_activations), which the
 kernel must match to float32 summation-order error; the quantization itself is checked bit for bit against the
 native one. "auto" never picks it.
 """
@@ -11,7 +11,7 @@ import torch
 from gqsa.format import quantize_to_packed
 from gqsa.ops import available_backends, packed_linear
 from gqsa.ops import cpu as cpu_kernels
-from gqsa.quant.activations import dequantize_activations, quantize_activations
+from gqsa.quant.int8_activations import dequantize_activations, quantize_activations
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="gqsa._native_cpu is not built")
 

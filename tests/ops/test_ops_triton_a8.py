@@ -23,7 +23,7 @@ from gqsa.format.packed import dequantize_bsr
 from gqsa.ops import available_backends, gpu, packed_linear
 from gqsa.ops import gpu_a8
 from gqsa.ops.sliced_layout import SLOT_QUANTUM, build_sliced_layout, dense_from_layout, layout_unsupported
-from gqsa.quant.activations import dequantize_activations, quantize_activations
+from gqsa.quant.int8_activations import dequantize_activations, quantize_activations
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.activation_store import ActivationStore
 from gqsa.algorithms.driver import BlockWork, walk_blocks
 from gqsa.algorithms.hessian import HessianAccumulator
 from gqsa.algorithms.resume import ResumeState

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.activation_store import ActivationStore
 from gqsa.algorithms.blockwise import CompressLinearFn, collect_block_hessians, compress_block_linears
 from gqsa.algorithms.driver import BlockWork, block_output, walk_blocks
 from gqsa.algorithms.resume import ResumeState

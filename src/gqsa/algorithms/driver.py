@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.activation_store import ActivationStore
 from gqsa.algorithms.resume import ResumeEntryError, ResumeState
 from gqsa.config import BQPO_TARGETS as TARGETS_FROM
 from gqsa.models.adapter import block_prefix, block_projections, capture_block_inputs, decoder_layers

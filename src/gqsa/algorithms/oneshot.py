@@ -1,6 +1,6 @@
 """GQSA one-shot: Hessian-aware group masks, then one column sweep that prunes, quantizes and compensates.
 
-The sweep (``gqsa.algorithms.sweep.obs_sweep``) follows SparseGPT/GPTQ: each column's weights are replaced by
+The sweep (``gqsa.algorithms.obs_sweep.obs_sweep``) follows SparseGPT/GPTQ: each column's weights are replaced by
 their compressed value (0 for pruned groups, the quantized value for kept ones), and the error, scaled by the
 inverse Hessian, is pushed onto the columns not yet processed. Quantization parameters of a group are chosen when the sweep reaches the group's first column, from the
 weights as updated so far, so they fit what is really quantized.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gqsa.algorithms.sweep import obs_sweep
+from gqsa.algorithms.obs_sweep import obs_sweep
 from gqsa.format.packed import PackedWeight
 from gqsa.quant.groups import to_groups
 from gqsa.quant.masks import groups_to_prune, select_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gqsa.format.float_sparse import float_sparse_bits_per_weight
+from gqsa.format.float_sparse_bits import float_sparse_bits_per_weight
 from gqsa.format.packed import PackedWeight
 
 

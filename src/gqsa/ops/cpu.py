@@ -16,7 +16,7 @@ How the work is split over T threads (torch.get_num_threads(), fewer for small m
 * ``cpu-rowsplit`` (data-centric, for comparison): rows are cut into T equal ranges.
 * ``cpu-a8`` (approximate, only when asked for): task-centric, with x quantized to int8 per 16 columns and
   integer dot products (AVX2 ``maddubs``) for 4-bit weights: fewer instructions per kept group. Its error is
-  that of the activation quantization (``gqsa.quant.activations``).
+  that of the activation quantization (``gqsa.quant.int8_activations``).
 
 Every kept group is unpacked and dequantized once per call (``s * (q - z)`` in float32, the reference's weight
 bit for bit) and used for all M rows of x: in registers, fused with the multiply, for 4-bit group-16 weights and
@@ -207,7 +207,7 @@ def native_linear(
             ``native_batch_limit`` of the shape).
         act8: quantize x to int8 per 16 columns and use integer dot products (4-bit weights, group a multiple
             of 16, at most ``max_native_batch`` rows; otherwise the exact path). The result is the exact op
-            applied to ``gqsa.quant.activations.dequantize_activations(*quantize_activations(x))``.
+            applied to ``gqsa.quant.int8_activations.dequantize_activations(*quantize_activations(x))``.
 
     Returns:
         (..., out_features) in x's dtype.

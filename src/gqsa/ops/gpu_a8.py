@@ -3,7 +3,7 @@
 ``prepare_a8`` repacks a packed weight once into gqsa.ops.sliced_layout's layout (on the weight's device) and
 returns the function of x that runs on it:
 
-* M <= ``A8_MAX_M`` rows of x: ``quantize_x_kernel`` (x to int8 per 16 inputs, gqsa.quant.activations'
+* M <= ``A8_MAX_M`` rows of x: ``quantize_x_kernel`` (x to int8 per 16 inputs, gqsa.quant.int8_activations'
   numbers) then ``sliced_gemv_kernel`` (gqsa.ops.triton_a8_kernels): two launches.
 * larger M (prefill) and weights the layout cannot hold (``layout_unsupported``: 3-bit codes, group size 8): the
   exact ``triton`` path (gqsa.ops.gpu), as ``cpu-a8`` falls back to the exact CPU kernel.
@@ -72,7 +72,7 @@ def _pow2_at_least(n: int) -> int:
 
 def quantize_x(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 (M, K) -> (xq (M, K) int8 with each group's bytes permuted for ``bits``-bit codes, xsc (M, K/16, 2)
-    float32 (scale, sum of the group's int8 values)): ``gqsa.quant.activations``' numbers."""
+    float32 (scale, sum of the group's int8 values)): ``gqsa.quant.int8_activations``' numbers."""
     m, k = x2.shape
     groups = k // 16
     xq = torch.empty(m, k, dtype=torch.int8, device=x2.device)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from gqsa.format.bitpack import unpack_bits_padded
-from gqsa.quant.activations import ACT_GROUP
+from gqsa.quant.int8_activations import ACT_GROUP
 from gqsa.quant.qparams import symmetric_zero_point
 
 SLOT_QUANTUM = 4  # slice widths are multiples of this many slots: 16-byte loads of every plane

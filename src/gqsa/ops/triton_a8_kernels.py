@@ -5,7 +5,7 @@ Imported lazily (by gqsa.ops.gpu_a8, on the first call), never by ``import gqsa`
 ``dp4a`` instruction by the same integer arithmetic.
 
 ``quantize_x_kernel``: x (M, K) float -> int8 per group of 16 inputs, exactly as
-``gqsa.quant.activations.quantize_activations`` (``xs = amax / 127``, ``q = round_half_even(x * (127 / amax))``,
+``gqsa.quant.int8_activations.quantize_activations`` (``xs = amax / 127``, ``q = round_half_even(x * (127 / amax))``,
 both divisions correctly rounded), with the bytes of each group permuted for the weights' code width (see
 ``x_byte_source``) and, per group, (xs, sum of q) as two float32 (the sum is an integer below 2**11: exact).
 

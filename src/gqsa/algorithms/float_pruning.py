@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from gqsa.algorithms.sweep import obs_sweep
+from gqsa.algorithms.obs_sweep import obs_sweep
 from gqsa.quant.masks import nm_mask, select_groups
 
 

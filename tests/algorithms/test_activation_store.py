@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from gqsa.algorithms.activations import ActivationStore
+from gqsa.algorithms.activation_store import ActivationStore
 
 
 def test_store_keeps_the_budget_in_memory_and_the_rest_on_disk(tmp_path):
@@ -35,7 +35,7 @@ CUDA = torch.cuda.is_available()
 def _as_device(monkeypatch):
     """On a machine without a GPU: CPU tensors treated as a device's, so the host tier takes them (a clone stands
     for the copy to host memory). With a GPU the tests below run on real CUDA tensors instead."""
-    import gqsa.algorithms.activations as activations
+    import gqsa.algorithms.activation_store as activations
 
     copies = []
     real = activations._to_host

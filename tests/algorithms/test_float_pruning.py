@@ -5,9 +5,9 @@ import torch
 from problems import correlated_inputs, hessian, output_error
 from tiny import tiny_model
 
-from gqsa.algorithms.float_sparse import magnitude_prune, sparsegpt_prune, wanda_prune
+from gqsa.algorithms.float_pruning import magnitude_prune, sparsegpt_prune, wanda_prune
 from gqsa.algorithms.hessian import damped_inverse_cholesky
-from gqsa.format.float_sparse import float_sparse_bits_per_weight
+from gqsa.format.float_sparse_bits import float_sparse_bits_per_weight
 from gqsa.quant.masks import nm_mask
 
 
