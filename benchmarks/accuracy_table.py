@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from gqsa.bench.kernel_common import git_revision, load_results, machine_summary, save_results, write_doc_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_smollm2.json"
 DOC = ROOT / "docs" / "RESULTS.md"
-BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
-ABLATION_BEGIN, ABLATION_END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
+BLOCK, ABLATION_BLOCK = "accuracy-table", "ablation-table"  # the generated blocks of DOC (kernel_common.block_markers)
 
 # row name -> (preset, overrides of the preset as {spec: {field: value}}, table section)
 ROWS: dict[str, tuple[str | None, dict, str]] = {
@@ -91,24 +90,6 @@ def resolve(row: str, calib_samples: int, seq_len: int):
 def settings(args) -> dict:
     return {"calib_samples": args.calib_samples, "calib_seq_len": args.seq_len, "eval_seq_len": args.eval_seq_len,
             "eval_max_tokens": args.eval_tokens, "datasets": args.datasets}
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"rows": {}}
-
-
-def save_results(path: Path, data: dict) -> None:
-    from gqsa.utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _stages(row: str) -> list[str]:
@@ -258,24 +239,6 @@ def render_ablation(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text: str, begin: str, end: str, table: str) -> str:
-    block = f"{begin}\n{table}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        return head + block + rest.split(end, 1)[1]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
-
-def write_doc(table: str, ablation: str | None = None) -> None:
-    from gqsa.utils.io import atomic_write_text
-
-    text = DOC.read_text() if DOC.exists() else "# Results\n"
-    text = _replace_block(text, BEGIN, END, table)
-    if ablation is not None:
-        text = _replace_block(text, ABLATION_BEGIN, ABLATION_END, ablation)
-    atomic_write_text(DOC, text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all): {', '.join(ROWS)}")
@@ -293,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the rows of another results file measured with the same settings (parallel runs)")
     args = p.parse_args(argv)
     args.datasets = args.datasets.split(",")
-    data = load_results(args.results)
+    data = load_results(args.results, {"rows": {}})
     for other_path in args.merge:
-        other = load_results(other_path)
+        other = load_results(other_path, {"rows": {}})
         if data.get("settings") not in (None, other.get("settings")):
             print(f"{other_path} was measured with other settings; not merged", file=sys.stderr)
             return 2
@@ -314,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                       "or another --results file", file=sys.stderr)
                 return 2
         data["settings"] = settings(args)
-        data["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        data["machine"] = machine_summary()
         data["gqsa_version"] = gqsa.__version__
         todo = [(r, None) for r in args.rows.split(",") if r]
         todo += [tuple(x.split("=", 1)) for x in args.extra]
@@ -332,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"row {row}: {exc}", file=sys.stderr, flush=True)
                 continue
             data["rows"].update(entries)
-            data["git_revision"] = _git_revision()
+            data["git_revision"] = git_revision(cwd=ROOT)
             save_results(args.results, data)
             for entry in entries.values():
                 print(json.dumps({k: v for k, v in entry.items()
                                   if k not in ("config", "groups_pruned_per_layer", "bqpo_blocks")}), flush=True)
     if not args.no_doc:
-        write_doc(render(data), render_ablation(data))
+        write_doc_blocks(DOC, {BLOCK: render(data), ABLATION_BLOCK: render_ablation(data)})
     print(render(data))
     print()
     print(render_ablation(data))

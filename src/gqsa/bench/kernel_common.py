@@ -1,5 +1,7 @@
 """What the CPU and CUDA kernel benchmarks share (gqsa.bench.kernel, gqsa.bench.kernel_cuda): shapes, the
-candidate record, cold weight copies, interleaved timing, result rows and tables, and the outputs' writing.
+candidate record, cold weight copies, interleaved timing, result rows and tables, and the outputs' writing; and
+what every benchmark script shares (benchmarks/*.py): the git revision, the machine line, the results JSON and
+the splicing of a generated block into a markdown document.
 
 Both import it; neither imports the other at module level (kernel.py dispatches ``--device cuda`` lazily).
 """
@@ -7,7 +9,9 @@ Both import it; neither imports the other at module level (kernel.py dispatches 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import platform
 import statistics
 import subprocess
 from collections.abc import Callable
@@ -136,15 +140,6 @@ def format_table(rows: list[dict], speedup_key: str = "speedup_vs_fp32", memory:
     return "\n".join(lines)
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def settings_dict(args: argparse.Namespace) -> dict:
     """The resolved arguments for the JSON report (one sparsity as a number, as files of one sparsity have it)."""
     out = vars(args) | {"json": str(args.json), "markdown": str(args.markdown)}
@@ -170,6 +165,62 @@ def write_outputs(args: argparse.Namespace, title: str, header: str, settings: s
     if args.markdown:
         atomic_write_text(args.markdown, f"# {title}\n\n{header}\n\n{settings}\n\n{body}\n\n"
                           + "".join(f"* {n}\n" for n in notes))
+
+
+# ------------------------------------------------------------------------------------- every benchmark script
+
+
+def git_revision(uncommitted: bool = False, cwd: Path | None = None) -> str:
+    """The short hash of HEAD of the checkout holding ``cwd`` (default: this file's directory), "unknown" without
+    git or a checkout; with ``uncommitted``, "+uncommitted" appended when tracked files differ from HEAD."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True,
+                              cwd=cwd or Path(__file__).resolve().parent).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD") or "unknown"
+        return rev + ("+uncommitted" if uncommitted and git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_summary() -> str:
+    """The machine line of a results file: architecture, torch's threads and torch's version."""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def load_results(path: Path, empty: dict) -> dict:
+    """A script's results JSON, or ``empty`` where the file does not exist yet."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else empty
+
+
+def save_results(path: Path, data: dict) -> None:
+    """Write a script's results JSON atomically (keys sorted, indent 1), so that a killed run leaves the last one."""
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def block_markers(name: str) -> tuple[str, str]:
+    """The lines that delimit the generated block ``name`` in a markdown document."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with ``body`` between the markers of block ``name`` (the first pair), or, without them, with the
+    block appended after a blank line."""
+    begin, end = block_markers(name)
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_doc_blocks(doc: Path, blocks: dict[str, str]) -> None:
+    """Splice every ``{name: body}`` of ``blocks`` into the markdown file ``doc`` (a new one starts "# Results")."""
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    for name, body in blocks.items():
+        text = replace_block(text, name, body)
+    atomic_write_text(doc, text)
 
 
 # ------------------------------------------------------------------------------------------------ CPU candidates
