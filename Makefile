@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 # The CPU wheel of torch lies on this project's machines; elsewhere pick the build for your hardware.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_OUT ?= out/smollm2-w4s50
-DEMO_PRESET ?= w4s50
+DEMO_PRESET ?= w3s10-g64
+DEMO_OUT ?= out/smollm2-$(DEMO_PRESET)
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-w4s50 test clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 		--sample-prompt "What is the capital of France?"
 	$(VENV)/bin/gqsa info $(DEMO_OUT)
 	$(VENV)/bin/gqsa generate $(DEMO_OUT) --prompt "What is the capital of France?" --max-new-tokens 40
+
+# The paper's headline setting (W4S50 g16) through the same steps: a second, clearly labelled demo.
+demo-w4s50:
+	$(MAKE) demo DEMO_PRESET=w4s50
 
 test: install
 	$(PY) -m pytest -q

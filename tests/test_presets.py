@@ -36,5 +36,7 @@ def test_preset_checkpoint_loads_and_runs(name, tmp_path):
         got = loaded(tokens).logits
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # Row allocation rounds per row: 8 groups per row here, so within half a group of the ratio.
-    assert report["summary"]["sparsity"] == pytest.approx(cfg.sparsity.ratio, abs=1 / 16)
+    # Row allocation rounds per row: within half a group of the ratio in the narrowest rows (128 inputs here: 8
+    # groups of 16, 2 groups of 64).
+    groups = 128 // (cfg.quant.group_size if cfg.quant is not None else 8)
+    assert report["summary"]["sparsity"] == pytest.approx(cfg.sparsity.ratio, abs=max(1 / 16, 0.5 / groups))
