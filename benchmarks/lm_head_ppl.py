@@ -6,7 +6,7 @@
 The head is packed with ``gqsa.models.packing.pack_lm_head`` (group 16, every group kept, min-max round to
 nearest per group; a tied head is untied, the input embeddings stay dense); with ``--embedding`` every width is
 also measured with the input embedding packed the same way (``pack_embedding``). Perplexity is
-``gqsa.eval.heldout.heldout_perplexity`` on the held-out wiki split (documented protocol, docs/EVALUATION.md).
+``gqsa.eval.heldout.heldout_perplexity`` on the held-out wiki split (protocol: README, "Perplexity protocol").
 """
 
 from __future__ import annotations
