@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model or a compressed checkpoint")
     esub = e.add_subparsers(dest="eval_command", required=True)
-    ppl = esub.add_parser("ppl", help="held-out perplexity (protocol: README, "Perplexity protocol")")
+    ppl = esub.add_parser("ppl", help="held-out perplexity (protocol: README, 'Perplexity protocol')")
     ppl.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
     _add_ppl_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
