@@ -32,7 +32,7 @@ from gqsa.algorithms.activation_store import ActivationStore
 from gqsa.algorithms.blockwise import CompressLinearFn, collect_block_hessians, compress_block_linears
 from gqsa.algorithms.driver import BlockWork, block_output, walk_blocks
 from gqsa.algorithms.resume import ResumeState
-from gqsa.algorithms.training import fit
+from gqsa.algorithms.training import autocast_dtype, fit, train_window_count
 from gqsa.config import BQPOSpec
 from gqsa.models.surgery import set_submodule
 from gqsa.models.adapter import block_linears, block_projections
@@ -68,7 +68,7 @@ def _window_loss(block: nn.Module, kwargs: dict, x: torch.Tensor, y: torch.Tenso
 def _mask_update_steps(spec: BQPOSpec, n_windows: int) -> set[int]:
     """The optimizer steps after which the masks are chosen again: ``spec.mask_updates`` of them, evenly spread
     over every epoch but the last (``fit``'s step count; the last update ends the second-to-last epoch)."""
-    n_train = n_windows - (spec.val_windows if spec.val_windows < n_windows else 0)
+    n_train = train_window_count(n_windows, spec.val_windows)
     free = (spec.epochs - 1) * -(-n_train // spec.batch_size)
     if not spec.mask_updates or free < 1:
         return set()
@@ -115,7 +115,7 @@ def train_block(
             lambda i: _window_loss(block, kwargs, inputs[i], targets[i]),
             len(inputs), spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, seed,
             label="BQPO", on_step=on_step if updates else None, state=[m.mask for m in learners.values()],
-            autocast=getattr(torch, spec.train_dtype) if spec.train_dtype != "float32" else None,
+            autocast=autocast_dtype(spec.train_dtype),
         ) | ({"mask_updates": revived} if updates else {})
     finally:
         for p, flag in requires.items():

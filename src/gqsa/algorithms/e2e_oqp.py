@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gqsa.algorithms.distill import TeacherTopK, top_k_kl
-from gqsa.algorithms.training import fit
+from gqsa.algorithms.training import autocast_dtype, fit
 from gqsa.config import E2ESpec
 from gqsa.nn.fake_quant import FakeQuantLinear
 from gqsa.nn.packed_linear import GQSALinear
@@ -108,7 +108,7 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
         result = fit(groups, window_loss, calib_ids.shape[0],
                      spec.epochs, spec.batch_size, spec.grad_clip, spec.val_windows, spec.patience, spec.seed,
                      label="E2E-OQP", progress=progress,
-                     autocast=getattr(torch, spec.train_dtype) if spec.train_dtype != "float32" else None)
+                     autocast=autocast_dtype(spec.train_dtype))
     finally:
         if checkpointing:
             _checkpointing(model, False)

@@ -14,6 +14,16 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 
+def train_window_count(n_windows: int, val_windows: int) -> int:
+    """Windows ``fit`` trains on: all but the last ``val_windows``, when at least one is left to train on."""
+    return n_windows - (val_windows if val_windows < n_windows else 0)
+
+
+def autocast_dtype(train_dtype: str) -> torch.dtype | None:
+    """``fit``'s ``autocast`` for a spec's ``train_dtype`` name: None for float32 (no autocast)."""
+    return None if train_dtype == "float32" else getattr(torch, train_dtype)
+
+
 def fit(
     param_groups: list[dict],
     window_loss: Callable[[int], torch.Tensor],
@@ -51,9 +61,9 @@ def fit(
         The parameters end at the state with the lowest held-out loss, the starting point included.
     """
     params = [p for g in param_groups for p in g["params"]]
-    n_val = val_windows if val_windows < n_windows else 0
-    train_idx = torch.arange(n_windows - n_val)
-    val_idx = list(range(n_windows - n_val, n_windows)) or train_idx.tolist()
+    n_train = train_window_count(n_windows, val_windows)
+    train_idx = torch.arange(n_train)
+    val_idx = list(range(n_train, n_windows)) or train_idx.tolist()
     total = max(1, epochs * math.ceil(len(train_idx) / batch_size))
     opt = torch.optim.AdamW(param_groups)
     sched = torch.optim.lr_scheduler.LambdaLR(
