@@ -27,7 +27,9 @@ def _on_host(tensor: torch.Tensor) -> bool:
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A copy in host memory, pinned where a CUDA device can read it back asynchronously."""
-    return tensor.to("cpu", copy=True).pin_memory() if torch.cuda.is_available() else tensor.cpu()
+    if not torch.cuda.is_available():
+        return tensor.cpu()
+    return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)  # one copy, straight to pinned
 
 
 class ActivationStore:
