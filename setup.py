@@ -27,6 +27,7 @@ setup(
                 "csrc/kernel_avx2.c",
                 "csrc/kernel_avx512.c",
                 "csrc/kernel_a8.c",  # int8 activations
+                "csrc/kernel_vnni.c",  # int8 activations, AVX-512 VNNI
             ],
             depends=["csrc/gqsa_cpu.h"],
             extra_compile_args=COMPILE_ARGS,

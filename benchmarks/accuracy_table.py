@@ -22,9 +22,18 @@ from pathlib import Path
 
 import torch
 
-from gqsa.bench.kernel_common import git_revision, load_results, machine_summary, save_results, write_doc_blocks
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/accuracy_table.py`: the root, for the package benchmarks
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench.kernel_common import (  # noqa: E402
+    git_revision,
+    load_results,
+    machine_summary,
+    save_results,
+    write_doc_blocks,
+)
+
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_smollm2.json"
 DOC = ROOT / "docs" / "RESULTS.md"
 BLOCK, ABLATION_BLOCK = "accuracy-table", "ablation-table"  # the generated blocks of DOC (kernel_common.block_markers)

@@ -29,10 +29,14 @@ from pathlib import Path
 
 import torch
 
-from gqsa.bench.kernel_common import git_revision
-from gqsa.compress import compress_model
-from gqsa.config import BQPOSpec, CalibSpec, CompressConfig, QuantSpec, SparsitySpec
-from gqsa.utils.io import atomic_write_text
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/block_throughput.py`: the root, for the package benchmarks
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench.kernel_common import git_revision  # noqa: E402
+from gqsa.compress import compress_model  # noqa: E402
+from gqsa.config import BQPOSpec, CalibSpec, CompressConfig, QuantSpec, SparsitySpec  # noqa: E402
+from gqsa.utils.io import atomic_write_text  # noqa: E402
 
 BLOCKS_7B = 32
 

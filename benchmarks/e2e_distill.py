@@ -22,8 +22,12 @@ from pathlib import Path
 
 import torch
 
-from gqsa.bench.kernel_common import git_revision
-from gqsa.utils.io import atomic_write_text
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/e2e_distill.py`: the root, for the package benchmarks
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench.kernel_common import git_revision  # noqa: E402
+from gqsa.utils.io import atomic_write_text  # noqa: E402
 
 
 def _markdown(result: dict) -> str:

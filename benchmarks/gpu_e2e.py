@@ -8,7 +8,7 @@
 short GPU counterpart, sized for a rented-GPU session (``benchmarks/gpu_check.sh`` runs it).
 
 Model: a Llama with Llama-2-7B shapes (hidden 4096, MLP 11008, 32 heads, vocabulary 32000; the shapes of
-``gqsa.bench.e2e.SHAPES_7B``), ``--layers`` decoder blocks, random weights, built in float32 on the device. Its
+``benchmarks.bench.e2e.SHAPES_7B``), ``--layers`` decoder blocks, random weights, built in float32 on the device. Its
 copy is compressed data-free with the library's pipeline (``gqsa.compress.compress_model``, method magnitude: W4,
 groups of 16, 50% of groups pruned per row; decoding speed does not depend on which groups are kept), on the
 device (on the CPU if that fails, with a note), then both models are cast to ``--dtype`` (the packed layers keep
@@ -23,8 +23,8 @@ report with the reason, in its results and its notes):
   implementation transformers picked for the model, its default (dynamic) KV cache.
 * ``torch-int4-g128`` (kind ``torch-int4``): the dense model with every ``nn.Linear`` of the decoder blocks (not
   the LM head) replaced by torch's int4 weight-only kernel (``torch.ops.aten._weight_int4pack_mm``, tinygemm;
-  asymmetric min-max int4 in groups of 128, packed by ``gqsa.bench.kernel_cuda.pack_int4``, the kernel
-  benchmark's packing), bf16 activations into and out of each call, the rest of the model in ``--dtype``;
+  asymmetric min-max int4 in groups of 128, packed by ``benchmarks.bench.kernel_cuda_candidates.pack_int4``, the
+  kernel benchmark's packing), bf16 activations into and out of each call, the rest of the model in ``--dtype``;
   through gqsa's loop. The kernel exists for CUDA only: skipped with a note on other devices, and where packing
   or a trial call raises (a torch build without it).
 * ``gqsa-<backend>`` (kind ``gqsa``) for every ``--backends`` entry that gqsa.ops offers for CUDA here
@@ -75,13 +75,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # the repository's gqsa, installed or not (gpu_check.sh runs from a copy)
-# Sizes of --shapes: "7b" is Llama-2-7B's (gqsa.bench.e2e.SHAPES_7B, read there); "tiny" is a smoke test that
+sys.path.insert(0, str(ROOT))  # the package benchmarks (benchmarks.bench: the kernel and e2e benchmarks' parts)
+# Sizes of --shapes: "7b" is Llama-2-7B's (benchmarks.bench.e2e.SHAPES_7B, read there); "tiny" is a smoke test that
 # runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2, "num_key_value_heads": 2,
         "vocab_size": 1000, "max_position_embeddings": 512}
 EXACT = "triton"
 KINDS = ("dense", "hf-generate", "torch-int4", "gqsa")  # in the order of the report
-INT4_GROUP_SIZE = 128  # gqsa.bench.kernel_cuda.INT4_GROUP_SIZE, the kernel benchmark's int4 candidate
+INT4_GROUP_SIZE = 128  # benchmarks.bench.kernel_cuda_candidates.INT4_GROUP_SIZE, the kernel benchmark's int4 candidate
 INT4 = f"torch-int4-g{INT4_GROUP_SIZE}"
 
 
@@ -143,7 +144,7 @@ def build_dense(args: argparse.Namespace, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gqsa.bench.e2e import SHAPES_7B
+    from benchmarks.bench.e2e import SHAPES_7B
 
     shapes = SHAPES_7B if args.shapes == "7b" else TINY
     config = LlamaConfig(num_hidden_layers=args.layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
@@ -173,12 +174,12 @@ def int4_linear_type():
 
     class Int4Linear(nn.Module):
         """``nn.Linear``'s result through torch's int4 CUDA kernel: ``_weight_int4pack_mm`` on the weight packed by
-        ``gqsa.bench.kernel_cuda.pack_int4`` (groups of ``group_size``). The input is cast to bf16 (the kernel's
-        only activation type) and the output back to the input's dtype. Nothing in ``forward`` reads a value on
-        the host, so a CUDA graph can capture it."""
+        ``benchmarks.bench.kernel_cuda_candidates.pack_int4`` (groups of ``group_size``). The input is cast to bf16
+        (the kernel's only activation type) and the output back to the input's dtype. Nothing in ``forward`` reads
+        a value on the host, so a CUDA graph can capture it."""
 
         def __init__(self, linear: nn.Linear, group_size: int, device) -> None:
-            from gqsa.bench.kernel_cuda import pack_int4
+            from benchmarks.bench.kernel_cuda_candidates import pack_int4
 
             super().__init__()
             self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
@@ -248,8 +249,8 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _hf_clock():
-    """A TokenClock (``gqsa.bench.e2e``) whose time starts when the prompt is handed over, as gqsa's loop's."""
-    from gqsa.bench.e2e import TokenClock
+    """A TokenClock (``benchmarks.bench.e2e``) whose time starts when the prompt is handed over, as gqsa's loop's."""
+    from benchmarks.bench.e2e import TokenClock
 
     class PromptClock(TokenClock):
         prompt_put = False
@@ -291,7 +292,7 @@ def measure(c: Candidate, model, prompt, args: argparse.Namespace, device, base_
     loop; ``base_bytes``: what was allocated on the device before the model came onto it."""
     import torch
 
-    from gqsa.bench.e2e import model_bytes
+    from benchmarks.bench.e2e import model_bytes
     from gqsa.engine import GenerationSpec
 
     if c.backend is not None:
@@ -397,7 +398,7 @@ def _version(package: str) -> str:
 def machine_info(device) -> dict:
     import torch
 
-    from gqsa.bench.kernel_common import git_revision
+    from benchmarks.bench.kernel_common import git_revision
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),

@@ -5,8 +5,8 @@
         --section MemoryWorkloadAnalysis python3 benchmarks/gpu_ncu_driver.py --backends triton
 
 Builds one random (``--out-features``, ``--in-features``) weight on the device (default 11008 x 4096, Llama-2-7B's
-gate/up projection), keeps a random half of its groups of 16 (``gqsa.bench.kernel.random_group_mask``), packs it
-W4 (``gqsa.format.quantize_to_packed``) and multiplies a ``--batch``-row fp16 x by it ``--calls`` times through
+gate/up projection), keeps a random half of its groups of 16 (``benchmarks.bench.kernel_common.random_group_mask``),
+packs it W4 (``gqsa.format.quantize_to_packed``) and multiplies a ``--batch``-row fp16 x by it ``--calls`` times through
 each ``--backends`` entry (``triton``; ``triton-a8`` where gqsa.ops offers it), synchronizing after each backend.
 The first call of a backend compiles its Triton kernels before launching them, so every launch ncu sees is a
 compiled kernel; profile one backend per ncu run to tell their results apart (``benchmarks/gpu_check.sh`` does).
@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # the repository's gqsa
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # the repository's gqsa
+sys.path.insert(0, str(ROOT))  # the package benchmarks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from gqsa.bench.kernel import random_group_mask
+    from benchmarks.bench.kernel_common import random_group_mask
     from gqsa.format import quantize_to_packed
     from gqsa.ops import available_backends, packed_linear
 

@@ -20,7 +20,7 @@ between ``<!-- sweep-table:begin -->`` and ``<!-- sweep-table:end -->`` in docs/
 # The command line; the sweep's parts are the files beside this one: sweep_grid.py (the points), sweep_measure.py
 # (evaluating one), sweep_import.py (points taken from other results files), sweep_kernels.py (kernel benchmark
 # files), sweep_plots.py and sweep_render.py (the figures and the markdown block); what every benchmark script
-# shares (git revision, results JSON, splicing a block into a document) is in gqsa.bench.kernel_common.
+# shares (git revision, results JSON, splicing a block into a document) is in bench/kernel_common.py.
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ from sweep_plots import plot_all
 from sweep_render import BLOCK, render
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # for `benchmarks.bench`, which this file and its sweep_*.py files import lazily
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "sweep_smollm2.json"
 ACCURACY = ROOT / "benchmarks" / "results" / "accuracy_smollm2.json"
 DOC = ROOT / "docs" / "RESULTS.md"
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a `gqsa bench kernel --json` file (repeatable; default benchmarks/results/kernel_cpu_*.json)")
     p.add_argument("--kernel-shape", default=None, help="shape to show, e.g. 576x576 (default: the first measured)")
     p.add_argument("--kernel-run", default=None, metavar="SHAPES",
-                   help="also run the kernel benchmark on these shapes (gqsa.bench.kernel SHAPES, e.g. tiny)")
+                   help="also run the kernel benchmark on these shapes (its --shapes names, e.g. tiny)")
     p.add_argument("--kernel-batch", default="1,4,16", help="batch sizes of --kernel-run")
     p.add_argument("--kernel-repeats", type=int, default=10, help="repeats of --kernel-run")
     p.add_argument("--kernel-cold-mib", type=int, default=64, help="weight copies per candidate of --kernel-run")
@@ -105,7 +107,7 @@ def _command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from gqsa.bench.kernel_common import load_results, save_results, write_doc_blocks
+    from benchmarks.bench.kernel_common import load_results, save_results, write_doc_blocks
 
     try:
         grid = Grid(sparsity=args.sparsity, bits=args.bits, group_size=args.group_size, baselines=args.baselines,

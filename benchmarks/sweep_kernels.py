@@ -51,8 +51,8 @@ def kernel_ms_for(entry: dict, kernel: dict, shape: str, batch: int = 1) -> floa
 
 
 def run_kernel(args: argparse.Namespace, path: Path) -> Path:
-    """The kernel benchmark (gqsa.bench.kernel) on ``args.kernel_run`` shapes, its JSON written to ``path``."""
-    from gqsa.bench import kernel
+    """The kernel benchmark (benchmarks/bench/kernel.py) on ``args.kernel_run`` shapes, its JSON written to ``path``."""
+    from benchmarks.bench import kernel
 
     kernel.main(["--shapes", args.kernel_run, "--batch", args.kernel_batch, "--repeats", str(args.kernel_repeats),
                  "--cold-mib", str(args.kernel_cold_mib), "--json", str(path)])

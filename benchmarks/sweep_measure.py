@@ -61,7 +61,7 @@ def measured_points(data: dict, points: Sequence[Point], settings: EvalSettings)
 
 def revision() -> str:
     """gqsa's revision as the sweep records it: HEAD of this checkout, "+uncommitted" when tracked files differ."""
-    from gqsa.bench.kernel_common import git_revision
+    from benchmarks.bench.kernel_common import git_revision
 
     return git_revision(uncommitted=True, cwd=Path(__file__).resolve().parent)
 
@@ -85,7 +85,7 @@ def measure_point(point: Point, settings: EvalSettings) -> dict:
     """
     import torch
 
-    from gqsa.bench.kernel_common import machine_summary
+    from benchmarks.bench.kernel_common import machine_summary
     from gqsa.compress import calibration_ids, compress_model
     from gqsa.eval.heldout import heldout_perplexity
     from gqsa.models.loading import load_model

@@ -33,6 +33,7 @@ static int check_problem(const Problem *p) {
 static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, int *isa) {
     unsigned long long x, crow, col, values, scale, zero, y;
     long long M, N, K, nnz;
+    memset(p, 0, sizeof *p); /* every optional field (x rearrangements) starts NULL */
     if (!PyArg_ParseTuple(args, "KKKiKKKKLLLLiiiii", &x, &crow, &col, &p->col_int32, &values, &scale, &zero, &y, &M,
                           &N, &K, &nnz, &p->g, &p->bits, threads, mode, isa))
         return -1;
@@ -47,10 +48,6 @@ static int parse_problem(PyObject *args, Problem *p, int *threads, int *mode, in
     p->N = N;
     p->K = K;
     p->ldx = K;
-    p->xq = NULL;
-    p->xs = NULL;
-    p->xr = NULL;
-    p->ldr = 0;
     p->ldq = K;
     p->nnz = nnz;
     p->zero_nbytes = (nnz * p->bits + 7) / 8;
@@ -144,6 +141,12 @@ static PyObject *py_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx512(ISA_AUTO) ? "avx512" : use_avx2(ISA_AUTO) ? "avx2" : "scalar");
 }
 
+static PyObject *py_a8_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(use_vnni(ISA_AUTO) ? "avx512-vnni" : use_avx2(ISA_AUTO) ? "avx2" : "scalar");
+}
+
 static PyObject *py_avx512_supported(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -170,6 +173,8 @@ static PyMethodDef methods[] = {
      "add_rms_norm(x, delta, w, out, rows, n, eps): x (rows, n) += delta (0: none), out = w * rmsnorm(x)."},
     {"isa", py_isa, METH_NOARGS,
      "Instruction set the kernels use here: 'avx512' (the batch-1 path; opt-in), 'avx2' or 'scalar'."},
+    {"a8_isa", py_a8_isa, METH_NOARGS,
+     "Instruction set of linear_a8 here for 4-bit group-16 weights: 'avx512-vnni', 'avx2' or 'scalar'."},
     {"avx512_supported", py_avx512_supported, METH_NOARGS, "Whether this CPU has what the AVX-512 path needs."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the module was built with OpenMP."},
     {NULL, NULL, 0, NULL},

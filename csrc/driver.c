@@ -85,6 +85,30 @@ int use_avx512(int isa) {
     return optin != NULL && strcmp(optin, "1") == 0;
 }
 
+/* The AVX-512 tiles of 4-bit group-16 weights for M >= 2 (fused_q4g16_avx512): as use_avx512 for now. */
+int use_avx512_tiles(int isa) {
+#ifdef GQSA_EXP_TILES
+    return isa != ISA_SCALAR && isa != ISA_AVX2 && avx512_supported();
+#else
+    return use_avx512(isa);
+#endif
+}
+
+/* Whether the CPU has what the VNNI int8-activation path needs (AVX-512F/BW/VL/DQ and VNNI besides AVX2). */
+int vnni_supported(void) {
+#if GQSA_HAVE_X86
+    return avx512_supported() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* The VNNI path for linear_a8: wherever the CPU has it, unless isa asks for AVX2 or scalar code. */
+int use_vnni(int isa) {
+    return isa != ISA_SCALAR && isa != ISA_AVX2 && vnni_supported();
+}
+
 static Fns pick_fns(int isa) {
     Fns fns = {dequant_scalar, dot_scalar, NULL, a8_scalar};
 #if GQSA_HAVE_X86
@@ -115,7 +139,8 @@ int linear(const Problem *problem, int threads, int mode, int isa, int act8) {
     Problem padded = *problem, *p = &padded;
     float *xcopy = NULL;
     int8_t *xq = NULL;
-    float *xs = NULL;
+    float *xs = NULL, *xf = NULL;
+    int8_t *xr8 = NULL;
     if (act8) {
         padded.ldq = p->K + 64; /* a cache line of padding: no 4 KiB aliasing between rows */
         xq = alloc_lines((size_t)(p->M * padded.ldq));
@@ -128,6 +153,21 @@ int linear(const Problem *problem, int threads, int mode, int isa, int act8) {
         quantize_x(p->x, p->M, p->K, p->ldx, xq, padded.ldq, xs);
         padded.xq = xq;
         padded.xs = xs;
+        if (p->bits == 4 && p->g == 16 && !p->col_int32 && use_vnni(isa)) {
+            padded.ldr8 = p->K + 64;
+            xr8 = alloc_lines((size_t)(p->M * padded.ldr8));
+            xf = malloc((size_t)(p->M * (p->K / 16)) * sizeof(float));
+            if (xr8 == NULL || xf == NULL) {
+                free(xq);
+                free(xs);
+                free(xr8);
+                free(xf);
+                return -1;
+            }
+            prepare_x_vnni(xq, xs, p->M, p->K, padded.ldq, xr8, padded.ldr8, xf);
+            padded.xr8 = xr8;
+            padded.xf = xf;
+        }
     } else if (p->bits == 4 && p->g == 16 && !p->col_int32 && use_avx2(isa)) {
         padded.ldr = p->K + 16; /* a cache line of padding: no 4 KiB aliasing between rows */
         xcopy = alloc_lines((size_t)(p->M * padded.ldr) * sizeof(float));
@@ -139,16 +179,23 @@ int linear(const Problem *problem, int threads, int mode, int isa, int act8) {
         if (xcopy == NULL) return -1;
         padded.x = xcopy;
     }
-    const Fns fns = pick_fns(isa);
+    Fns fns = pick_fns(isa);
+#if GQSA_HAVE_X86
+    if (p->xr8) fns.a8 = a8_vnni;
+    if (p->xr && p->M > 1 && use_avx512_tiles(isa)) fns.fused = fused_q4g16_avx512;
+#endif
     RangeFn range = run_range;
 #if GQSA_HAVE_X86
     if (p->xr && p->M == 1) range = use_avx512(isa) ? run_range_b1_avx512 : run_range_b1;
+    if (p->xr8 && p->M == 1 && mode == MODE_TASK) range = run_range_vnni_b1;
 #endif
     memset(p->y, 0, (size_t)(p->M * p->N) * sizeof(float));
     if (p->nnz == 0 || p->M == 0) {
         free(xcopy);
         free(xq);
         free(xs);
+        free(xr8);
+        free(xf);
         return 0;
     }
     if (threads < 1) threads = 1;
@@ -195,6 +242,8 @@ int linear(const Problem *problem, int threads, int mode, int isa, int act8) {
     free(xcopy);
     free(xq);
     free(xs);
+    free(xr8);
+    free(xf);
     return failed ? -1 : 0;
 }
 

@@ -25,8 +25,8 @@
  * float32 weights s * (q - z) (exactly the reference's float32 weight) and used for all M rows of x:
  *   4 bits, group 16 (AVX2, the default format): x is first copied with each group's columns reordered even
  *         then odd (p->xr), the order in which one zero-extending load unpacks an entry's nibbles;
- *         M = 1 (decode): b1_g16_q4_avx2, which computes s * ((q - z) . x) (same sum, other rounding; 35% less
- *         time than the general tile), with the row loop in the same function (run_range_b1);
+ *         M = 1 (decode): b1_g16_q4_avx2, which computes s * ((q - z) . x) (same sum, other rounding; faster
+ *         than the general tile: docs/RESULTS.md), with the row loop in the same function (run_range_b1);
  *         M >= 2: tile_q4g16_avx2, the weights built in registers once per tile of 8 rows of x;
  *   M <= 8 (AVX2), other bits and group sizes: fused, the weights stay in registers and meet the M rows' x at
  *         once (tile_avx2);
@@ -47,6 +47,7 @@
  *   kernel_avx2.c     AVX2+FMA+F16C: dequantization, the register tiles, the W4 g16 paths (batch 1 and M >= 2)
  *   kernel_avx512.c   AVX-512F: the batch-1 W4 g16 path (opt-in, see use_avx512)
  *   kernel_a8.c       int8 activations: quantize_x, and the scalar and AVX2 integer-dot paths
+ *   kernel_vnni.c     int8 activations with AVX-512 VNNI (4-bit, group 16), and its rearrangement of x
  *   driver.c          run-time CPU-feature dispatch, preparation of x, the work split over threads (linear,
  *                     dequantize_dense)
  *   binding.c         the CPython module gqsa._native_cpu (argument parsing, checks, GIL release)
@@ -74,6 +75,9 @@
 #define GQSA_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 #define GQSA_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define GQSA_AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,avx2,fma,f16c")))
+#define GQSA_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+#define GQSA_VNNI __attribute__((target(GQSA_VNNI_TARGET)))
+#define GQSA_VNNI_INLINE static inline __attribute__((always_inline, target(GQSA_VNNI_TARGET)))
 #else
 #define GQSA_HAVE_X86 0
 #endif
@@ -112,6 +116,11 @@ typedef struct {
     const int8_t *xq;        /* (M, ldq) or NULL: the float path */
     const float *xs;         /* (M, K / 16) */
     int64_t ldq;             /* row stride of xq (>= K) */
+    /* ... and for the AVX-512 VNNI path (kernel_vnni.c): each group's 16 values even columns first, and xs_j times
+       the sum of group j's values */
+    const int8_t *xr8;       /* (M, ldr8) or NULL */
+    int64_t ldr8;
+    const float *xf;         /* (M, K / 16) */
     /* 4-bit group-16 weights (AVX2): every row of x with each group's 16 columns reordered even-then-odd (the lane
        order of unpacked nibbles), rows cache-line aligned (reorder_x) */
     const float *xr;         /* (M, ldr) or NULL */
@@ -249,6 +258,9 @@ GQSA_INTERNAL void add_rms_norm(float *x, const float *delta, const float *w, fl
 /* kernel_a8.c */
 GQSA_INTERNAL void quantize_x(const float *x, int64_t M, int64_t K, int64_t ldx, int8_t *xq, int64_t ldq, float *xs);
 GQSA_INTERNAL void a8_scalar(const Problem *p, int64_t a, int64_t b, float *out);
+/* kernel_vnni.c, portable part */
+GQSA_INTERNAL void prepare_x_vnni(const int8_t *xq, const float *xs, int64_t M, int64_t K, int64_t ldq, int8_t *xr8,
+                                  int64_t ldr8, float *xf);
 
 #if GQSA_HAVE_X86
 /* kernel_avx2.c: call only where use_avx2 says so */
@@ -261,7 +273,12 @@ GQSA_INTERNAL GQSA_AVX2 void run_range_b1(const Problem *p, int64_t e0, int64_t 
                                           Partial *head, Partial *tail, const Fns *fns);
 /* kernel_a8.c, AVX2 part: call only where use_avx2 says so */
 GQSA_INTERNAL GQSA_AVX2 void a8_avx2(const Problem *p, int64_t a, int64_t b, float *out);
-/* kernel_avx512.c: call only where use_avx512 says so */
+/* kernel_vnni.c: call only where use_vnni says so */
+GQSA_INTERNAL GQSA_VNNI void a8_vnni(const Problem *p, int64_t a, int64_t b, float *out);
+GQSA_INTERNAL GQSA_VNNI void run_range_vnni_b1(const Problem *p, int64_t e0, int64_t e1, int64_t r,
+                                               const Scratch *ws, Partial *head, Partial *tail, const Fns *fns);
+/* kernel_avx512.c: call only where use_avx512 (or, for the tiles, use_avx512_tiles) says so */
+GQSA_INTERNAL GQSA_AVX512 void fused_q4g16_avx512(const Problem *p, int64_t a, int64_t b, float *out);
 GQSA_INTERNAL GQSA_AVX512 void run_range_b1_avx512(const Problem *p, int64_t e0, int64_t e1, int64_t r,
                                                    const Scratch *ws, Partial *head, Partial *tail, const Fns *fns);
 #endif
@@ -270,6 +287,9 @@ GQSA_INTERNAL GQSA_AVX512 void run_range_b1_avx512(const Problem *p, int64_t e0,
 GQSA_INTERNAL int use_avx2(int isa);
 GQSA_INTERNAL int avx512_supported(void);
 GQSA_INTERNAL int use_avx512(int isa);
+GQSA_INTERNAL int use_avx512_tiles(int isa);
+GQSA_INTERNAL int vnni_supported(void);
+GQSA_INTERNAL int use_vnni(int isa);
 GQSA_INTERNAL int linear(const Problem *problem, int threads, int mode, int isa, int act8);
 GQSA_INTERNAL void dequantize_dense(const Problem *p, int threads, int isa);
 

@@ -140,9 +140,8 @@ GQSA_AVX2 static void tile_dispatch_avx2(const Problem *p, int64_t a, int64_t b,
  * Batch 1, 4-bit codes, group 16: out = sum_e s_e * ((q_e - z_e) . xr_j), xr_j = group j of x reordered even
  * then odd columns. Per entry: one zero-extending load of its 8 code bytes, (q - z) formed exactly in the float
  * lanes (q4_minus_z, no int-to-float conversion), two FMAs against xr_j, and the fp16 scale broadcast straight
- * into the FMA that accumulates. Two entries per iteration with their own accumulators. Measured no faster:
- * unrolling to four entries, a horizontal add of 8 entries' partial dots against 8 scales at once, and
- * broadcasting scales and zero points from 8-entry vectors with permutes (all slower on this AMD EPYC).
+ * into the FMA that accumulates. Two entries per iteration with their own accumulators (the variants that were
+ * tried and not faster: docs/RESULTS.md, "Measurements behind code constants").
  */
 
 

@@ -6,12 +6,18 @@ must be in the environment before anything imports triton, because triton.langua
 are wrapped for one mode or the other when triton is imported."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The repository root, for the package `benchmarks` (benchmarks/bench: the benchmarks of `gqsa bench`, tests/bench).
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 

@@ -214,6 +214,18 @@ def test_bench_kernel_runs_through_the_cli(capsys, tmp_path):
     assert code == 2 and "unknown benchmark 'nope'" in err and "e2e" in err
 
 
+def test_bench_without_a_source_checkout_names_the_problem(capsys, monkeypatch, tmp_path):
+    """A wheel install has no benchmarks/ next to its sources: `gqsa bench` says what it needs, in one line."""
+    import gqsa.cli_bench
+
+    missing = tmp_path / "site-packages" / "benchmarks"
+    monkeypatch.setattr(gqsa.cli_bench, "benchmarks_dir", lambda: missing)
+    code, out, err = _run(capsys, "bench", "kernel", "--shapes", "tiny")
+    assert code == 2 and out == ""
+    assert err == (f"gqsa bench kernel: error: the benchmarks need a source checkout: benchmarks/ not found at "
+                   f"{missing}; clone the repository and pip install -e .\n")
+
+
 def test_fast_is_the_cheap_variant_of_the_preset_and_flags_still_override_it(capsys, dense_dir, text_file, tmp_path):
     out_dir = tmp_path / "fast"
     code, _, err = _run(capsys, "compress", dense_dir, "--out", out_dir, "--fast", *calib(text_file))

@@ -50,7 +50,7 @@ def test_run_writes_what_the_cli_writes(dense_dir, text_file, tmp_path):
     assert isinstance(report["sample"]["completion"], str)
     assert json.loads((out / "compress_config.json").read_text()) == PRESETS["magnitude-w4s50"].to_dict()
     model, _ = gqsa.load(out)
-    assert any(isinstance(m, gqsa.GQSALinear) for m in model.modules())
+    assert any(isinstance(m, gqsa.PackedLinear) for m in model.modules())
     with pytest.raises(FileExistsError, match="exists"):
         run(out, "magnitude-w4s50", dense_dir, progress=False)  # nothing replaced without overwrite
     assert json.loads((out / "report.json").read_text()) == saved

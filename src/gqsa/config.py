@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from gqsa.quant.saliency import SALIENCIES as GROUP_SALIENCIES
+from gqsa.quant.saliency import GROUP_SALIENCIES
 from gqsa.utils.validated import FLAG, TEXT, Rule, ValidatedConfig, integer, number, one_of, power_of_two
 
 CONFIG_VERSION = 1
@@ -251,7 +251,8 @@ class E2ESpec(ValidatedConfig):
         grad_clip: max global gradient norm (0 = no clipping).
         val_windows: calibration windows held out for early stopping (0 = none).
         patience: epochs without a better held-out loss before stopping; the best state is restored.
-        gradient_checkpointing: recompute block activations in the backward pass to bound memory.
+        gradient_checkpointing: activation recomputation: recompute block activations in the backward pass to
+            bound memory (the key keeps transformers' name; saved configs use it).
         seed: seed of the window order.
         distill: weight of distillation in the loss, in [0, 1]: ``(1 - distill) * next-token loss + distill *
             KL(dense model || compressed model)`` on the next-token distributions (``gqsa.algorithms.distill``;

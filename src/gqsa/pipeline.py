@@ -3,7 +3,7 @@
     model -> check every layer fits the config -> [calibration windows] -> [allocation "model": a dense pass
     measures each layer's sensitivity and sets its share of the pruning] -> choose masks and quantize (the
     method; calibrated methods go block by block, ``gqsa.algorithms.driver``) [-> BQPO: train each block after
-    its one-shot step] -> swap in GQSALinear (group pattern) or leave the pruned float weights in place
+    its one-shot step] -> swap in PackedLinear (group pattern) or leave the pruned float weights in place
     (unstructured / N:M baselines) [-> E2E-OQP: train the scales end to end] -> report (per-layer errors,
     sparsity, bits per weight, time, memory)
 
@@ -28,7 +28,7 @@ from gqsa.models.adapter import compressible_linears
 from gqsa.models.checks import check_context_length
 from gqsa.models.checkpoints import model_summary
 from gqsa.models.surgery import set_submodule
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 from gqsa.utils.finite import describe_nonfinite
 from gqsa.utils.memory import trim_heap
 
@@ -94,9 +94,9 @@ def calibration_ids(tokenizer, config: CompressConfig, model: nn.Module | None =
     return calibration_windows(tokens, c.samples, c.seq_len, c.seed)
 
 
-def _packed_module(linear: nn.Linear, packed: PackedWeight) -> GQSALinear:
+def _packed_module(linear: nn.Linear, packed: PackedWeight) -> PackedLinear:
     bias = None if linear.bias is None else linear.bias.detach()
-    return GQSALinear.from_packed(packed.to(linear.weight.device), bias)
+    return PackedLinear.from_packed(packed.to(linear.weight.device), bias)
 
 
 def _pruned_in_place(linear: nn.Linear, pruned: torch.Tensor) -> nn.Linear:
@@ -194,7 +194,7 @@ def _final_report(config: CompressConfig):
     """A layer's report after BQPO: packed layers by ``layer_report``, float-pruned ones by ``float_layer_report``."""
 
     def report(name: str, dense: torch.Tensor, module: nn.Module, hessian: torch.Tensor) -> dict:
-        if isinstance(module, GQSALinear):
+        if isinstance(module, PackedLinear):
             return layer_report(name, dense, module.packed_weight(), hessian)
         w = module.weight.detach()
         return float_layer_report(name, dense, w, w != 0, config.sparsity.pattern, hessian)

@@ -27,11 +27,12 @@ def _preset(method: str, bits: int, group_size: int, ratio: float) -> CompressCo
 
 
 # The paper's GQSA points train after the one-shot step. Calibration and training sized so that SmolLM2-135M
-# compresses end to end in under 45 minutes on 2 CPU cores (docs/RESULTS.md, "Presets and time"); on a GPU raise
-# --calib-samples / --seq-len / --bqpo-epochs for more accuracy.
+# compresses end to end on 2 CPU cores in well under an hour of CPU time (docs/RESULTS.md, "Training: BQPO and
+# E2E-OQP", gives the times); on a GPU raise --calib-samples / --seq-len / --bqpo-epochs for more accuracy.
 TRAINED_CALIB = CalibSpec(samples=32, seq_len=512)
 TRAINED_BQPO = BQPOSpec(epochs=2)
-TRAINED_E2E = E2ESpec(epochs=3)  # 3 epochs: W4S50 254/689 against 292/814 with 1 (docs/RESULTS.md)
+# 3 E2E-OQP epochs beat 1 on W4S50's held-out perplexity (docs/RESULTS.md, "Training: BQPO and E2E-OQP")
+TRAINED_E2E = E2ESpec(epochs=3)
 
 
 def _trained_preset(bits: int, group_size: int, ratio: float) -> CompressConfig:
@@ -39,7 +40,8 @@ def _trained_preset(bits: int, group_size: int, ratio: float) -> CompressConfig:
 
 
 # ``fast``: the cheap variant of any preset (``gqsa compress --fast``, ``make demo``): 32 windows of 512 tokens,
-# one BQPO epoch where the preset trains, no E2E-OQP. Under 10 minutes for SmolLM2-135M on 2 CPU cores.
+# one BQPO epoch where the preset trains, no E2E-OQP (its time on SmolLM2-135M: docs/RESULTS.md, "Training: BQPO
+# and E2E-OQP").
 FAST_CALIB = CalibSpec(samples=32, seq_len=512)
 
 
@@ -67,12 +69,12 @@ _DENSE_QUANT = ((2, 64), (2, 128), (3, 64), (3, 128), (4, 64), (4, 128))
 PRESETS: dict[str, CompressConfig] = {
     **{f"w4s{r}": _trained_preset(4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
     # The best GQSA point found at about 3.2 bits per weight on SmolLM2-135M (make demo's preset): W3, group 64,
-    # 10% of groups pruned; --fast reaches wiki 90 against w4s50's 1,091-2,210 at 3.17 bits (README).
+    # 10% of groups pruned; with --fast far below w4s50's perplexity at about the same bits (README's table).
     "w3s10-g64": _trained_preset(3, 64, 0.1),
     **{f"magnitude-w4s{r}": _preset("magnitude", 4, 16, r / 100) for r in (20, 30, 40, 50, 60)},
     **{f"w{b}g{g}": _preset("gqsa", b, g, 0.0) for b, g in _DENSE_QUANT if b != 2},
-    # At 2 bits, qparams fitted on the compensated weights drift (SmolLM2-135M wiki ppl 11,294 against 2,988 with
-    # static ones, docs/RESULTS.md); at 3-4 bits GPTQ's usual re-fitting is kept.
+    # At 2 bits, qparams fitted on the compensated weights drift (SmolLM2-135M's perplexity is several times that
+    # with static ones: docs/RESULTS.md, rows gptq-w2g64*); at 3-4 bits GPTQ's usual re-fitting is kept.
     **{f"w2g{g}": _preset("gqsa", 2, g, 0.0).replace(oneshot=OneShotSpec(static_qparams=True)) for g in (64, 128)},
     **{f"rtn-w{b}g{g}": _preset("magnitude", b, g, 0.0) for b, g in _DENSE_QUANT},
     "2of4-sparsegpt": _float_sparse_preset("sparsegpt", "2:4", "matrix"),

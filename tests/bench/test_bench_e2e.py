@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from gqsa.bench import e2e
+from benchmarks.bench import e2e
 
 KEYS = {"candidate", "decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "base_rss_mb", "model_bytes",
         "decode_speedup_vs_fp32", "decode_gb_per_s", "bandwidth_pct", "backend", "loop", "step", "decode_ms",
@@ -99,3 +99,53 @@ def test_conflicting_models_are_named(dense_dir, tmp_path):
         e2e.main([str(dense_dir), "--checkpoint", str(tmp_path)])
     with pytest.raises(ValueError, match="--dense only applies"):
         e2e.main([str(dense_dir), "--dense", str(dense_dir)])
+
+
+def test_a8_candidate_runs_the_int8_activation_kernel_and_llama_cpp_is_noted_when_missing(dense_dir, capsys,
+                                                                                         monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here: the note for its absence cannot be seen")
+    rc = e2e.main([str(dense_dir), "--candidates", "gqsa,gqsa-a8,llama.cpp", "--prompt-len", "4", "--new-tokens",
+                   "3", "--repeats", "1", "--threads", "1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["candidate"]: r for r in report["rows"]}
+    assert set(rows) == {"gqsa", "gqsa-a8"} and rows["gqsa-a8"]["backend"] == "cpu-a8"
+    assert rows["gqsa"]["backend"] != "cpu-a8" and rows["gqsa-a8"]["decode_tok_s"] > 0
+    assert any("llama.cpp skipped" in n and "pip install llama-cpp-python" in n for n in report["notes"])
+
+
+def test_llama_cpp_candidate_generates_exactly_the_tokens_asked_with_the_threads_given(tmp_path, monkeypatch):
+    """llama-cpp-python replaced by a stand-in: the candidate loads the GGUF path with the worker's threads, feeds
+    the prompt's ids, stops after exactly ``new_tokens`` tokens (its generator never stops by itself) and
+    timestamps each; a model that is not a GGUF file is refused."""
+    import sys
+    import types
+
+    from benchmarks.bench.e2e_candidates import CandidateSpec, load_candidate, run_once
+
+    seen = {}
+
+    class FakeLlama:
+        def __init__(self, model_path, **kw):
+            seen.update(kw, model_path=model_path)
+
+        def generate(self, tokens, **kw):
+            seen["tokens"], seen["sampling"] = tokens, kw
+            while True:
+                yield 7
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    spec = CandidateSpec("llama.cpp", str(gguf), None, threads=3)
+    model, backend = load_candidate(spec)
+    assert "llama.cpp" in backend and model.model_bytes() == (64, 64)
+    result = run_once(model, spec, torch.tensor([[5, 6, 7, 8]]), 5)
+    assert result["new_tokens"] == 5 and result["step"] == "llama.cpp eval" and result["decode_tok_s"] > 0
+    assert seen["model_path"] == str(gguf) and seen["n_threads"] == seen["n_threads_batch"] == 3
+    assert seen["tokens"] == [5, 6, 7, 8] and seen["sampling"]["temp"] == 0.0
+    with pytest.raises(ValueError, match="llama.cpp runs a GGUF file"):
+        load_candidate(CandidateSpec("llama.cpp", str(tmp_path), None, threads=1))

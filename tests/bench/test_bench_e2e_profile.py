@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from gqsa.bench.e2e_profile import FUSED_REST, MODEL_REST, decode_profile, fused_decode_profile, timed_linears
+from benchmarks.bench.e2e_profile import FUSED_REST, MODEL_REST, decode_profile, fused_decode_profile, timed_linears
 from gqsa.compress import compress_model
 from gqsa.config import CompressConfig, QuantSpec, SparsitySpec
 from gqsa.engine.fused import fused_decoder

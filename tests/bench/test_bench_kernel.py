@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gqsa.bench import kernel
+from benchmarks.bench import kernel
 from gqsa.ops import available_backends
 
 KEYS = {"candidate", "shape", "batch", "median_ms", "gb_per_s", "bandwidth_pct", "speedup_vs_fp32"}

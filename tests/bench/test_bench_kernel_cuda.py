@@ -1,4 +1,4 @@
-"""The CUDA mode of the kernel benchmark (gqsa.bench.kernel_cuda).
+"""The CUDA mode of the kernel benchmark (benchmarks/bench/kernel_cuda*.py).
 
 Without a GPU: the clear error, the masks and weights of the candidates, the candidates' construction, the
 targets computed from synthetic rows, and (under Triton's interpreter, tests/conftest.py) one tiny shape measured
@@ -10,7 +10,9 @@ import json
 import pytest
 import torch
 
-from gqsa.bench import kernel, kernel_cuda
+from benchmarks.bench import kernel, kernel_cuda
+from benchmarks.bench import kernel_cuda_candidates as cuda_candidates
+from benchmarks.bench import kernel_cuda_timing as cuda_timing
 from gqsa.ops import gpu
 
 CUDA = torch.cuda.is_available()
@@ -31,30 +33,30 @@ def test_device_cuda_without_cuda_exits_2_naming_the_problem(capsys):
 @pytest.mark.parametrize("n_out,g_count,sparsity", [(48, 8, 0.5), (37, 10, 0.3), (9, 7, 0.7), (64, 20, 0.0),
                                                     (1, 16, 0.5)])
 def test_uneven_rows_keep_very_different_counts_at_the_same_overall_sparsity(n_out, g_count, sparsity):
-    counts = kernel_cuda.uneven_row_counts(n_out, g_count, sparsity)
+    counts = cuda_candidates.uneven_row_counts(n_out, g_count, sparsity)
     d = 1 - sparsity
     heavy, light = counts[: n_out // 2], counts[n_out // 2:]
     assert int(counts.sum()) == round(d * n_out * g_count)  # the overall sparsity of the random mask
     assert (counts >= 0).all() and (counts <= g_count).all()
     assert heavy.unique().numel() <= 1 and int(light.max() - light.min()) <= 1
-    spread = kernel_cuda.UNEVEN_SPREAD * min(d, 1 - d)
+    spread = cuda_candidates.UNEVEN_SPREAD * min(d, 1 - d)
     if heavy.numel():
         assert int(heavy[0]) == min(g_count, round((d + spread) * g_count))
-    mask = kernel_cuda.uneven_group_mask(n_out, g_count, sparsity)
+    mask = cuda_candidates.uneven_group_mask(n_out, g_count, sparsity)
     assert mask.shape == (n_out, g_count) and mask.dtype == torch.bool
     assert torch.equal(mask.sum(1), counts)
 
 
 def test_uneven_rows_at_half_sparsity_keep_90_and_10_percent():
-    counts = kernel_cuda.uneven_row_counts(100, 100, 0.5)
+    counts = cuda_candidates.uneven_row_counts(100, 100, 0.5)
     assert counts[:50].tolist() == [90] * 50 and counts[50:].tolist() == [10] * 50
-    masks = [kernel_cuda.uneven_group_mask(100, 100, 0.5, seed=s) for s in (0, 1)]
+    masks = [cuda_candidates.uneven_group_mask(100, 100, 0.5, seed=s) for s in (0, 1)]
     assert not torch.equal(*masks)  # the kept columns are random
 
 
 def test_2of4_pruning_keeps_the_two_largest_of_every_four():
     w = torch.randn(8, 32)
-    pruned = kernel_cuda.prune_2of4(w)
+    pruned = cuda_candidates.prune_2of4(w)
     quads, kept = w.reshape(8, 8, 4), pruned.reshape(8, 8, 4)
     assert ((kept != 0).sum(-1) == 2).all()
     assert torch.equal(kept.abs().amax(-1), quads.abs().amax(-1))
@@ -62,22 +64,22 @@ def test_2of4_pruning_keeps_the_two_largest_of_every_four():
 
 
 def test_calls_per_timing_is_a_multiple_of_the_copies():
-    assert [kernel_cuda.calls_per_timing(c, 20) for c in (1, 3, 20, 40)] == [20, 21, 20, 40]
+    assert [cuda_timing.calls_per_timing(c, 20) for c in (1, 3, 20, 40)] == [20, 21, 20, 40]
 
 
 def test_candidates_on_cpu_tensors_carry_their_formats(monkeypatch):
-    monkeypatch.setattr(kernel_cuda, "a8_available", lambda: False)  # the exact candidates only
+    monkeypatch.setattr(cuda_candidates, "a8_available", lambda: False)  # the exact candidates only
     args = kernel.parse_args(["--device", "cuda", "--sparsity", "0.3,0.5"])
     weight = torch.randn(48, 128) * 0.02  # (N, K)
     notes: list[str] = []
-    w2 = kernel_cuda.w2_candidates(weight, 0, notes)
+    w2 = cuda_candidates.w2_candidates(weight, 0, notes)
     assert [c.name for c in w2] == ["gqsa-triton-w2g64", "gqsa-triton-w2g128"]
     for c, gs in zip(w2, (64, 128)):  # dense W2: every group kept, 2-bit codes
         assert (c.info["bits"], c.info["group_size"], c.info["sparsity"], c.info["split"]) == (2, gs, 0.0, "task")
         assert c.x_dtype == torch.float16 and c.copies == 1
-    assert kernel_cuda.w2_candidates(torch.randn(4, 96), 0, notes) == []  # 96 in-features: neither group fits
+    assert cuda_candidates.w2_candidates(torch.randn(4, 96), 0, notes) == []  # 96 in-features: neither group fits
     assert any("w2g64 skipped for 4x96" in n for n in notes)
-    sparse = kernel_cuda.sparse_candidates(weight, args, cold_bytes=0)
+    sparse = cuda_candidates.sparse_candidates(weight, args, cold_bytes=0)
     names = [c.name for c in sparse]
     assert names == [f"gqsa-triton{u}{s}" if split == "" else f"gqsa-triton-rowsplit{u}{s}"
                      for s in ("-s30", "-s50") for u in ("", "-uneven") for split in ("", "r")]
@@ -86,18 +88,18 @@ def test_candidates_on_cpu_tensors_carry_their_formats(monkeypatch):
     assert by["gqsa-triton-rowsplit-uneven-s50"].info["split"] == "rows"
     assert by["gqsa-triton-s30"].info["rows"] == "random" and by["gqsa-triton-uneven-s30"].info["rows"] == "uneven"
     assert by["gqsa-triton-s30"].weight_bytes > by["gqsa-triton-s50"].weight_bytes
-    big = kernel_cuda.sparse_candidates(weight, kernel.parse_args(["--sparsity", "0.5"]), cold_bytes=1 << 20)
+    big = cuda_candidates.sparse_candidates(weight, kernel.parse_args(["--sparsity", "0.5"]), cold_bytes=1 << 20)
     assert big[0].copies == kernel.copies_needed(big[0].weight_bytes, 1 << 20) > 1
 
 
 @pytest.mark.parametrize("offered", [True, False])
 def test_the_a8_candidate_is_measured_only_where_the_backend_is_offered(monkeypatch, offered):
-    monkeypatch.setattr(kernel_cuda, "available_backends",
+    monkeypatch.setattr(cuda_candidates, "available_backends",
                         lambda device_type, approximate=False, named_only=False:
                         ["auto", "reference", "triton"] + (["triton-a8"] if offered and approximate else []))
-    assert kernel_cuda.a8_available() is offered
+    assert cuda_candidates.a8_available() is offered
     args = kernel.parse_args(["--device", "cuda", "--sparsity", "0.3,0.5"])
-    sparse = kernel_cuda.sparse_candidates(torch.randn(48, 128) * 0.02, args, cold_bytes=0)
+    sparse = cuda_candidates.sparse_candidates(torch.randn(48, 128) * 0.02, args, cold_bytes=0)
     by = {c.name: c for c in sparse}
     a8 = [name for name in by if "a8" in name]
     assert a8 == (["gqsa-triton-a8-s30", "gqsa-triton-a8-s50"] if offered else [])
@@ -111,11 +113,11 @@ def test_the_a8_candidate_is_measured_only_where_the_backend_is_offered(monkeypa
 def test_baselines_that_cannot_run_here_are_skipped_with_a_note():
     notes: list[str] = []
     weight = torch.randn(48, 128)
-    dense = kernel_cuda.dense_candidates(weight, 0)
+    dense = cuda_candidates.dense_candidates(weight, 0)
     assert [(c.name, c.x_dtype) for c in dense] == [("torch-fp16", torch.float16), ("torch-bf16", torch.bfloat16)]
-    assert not kernel_cuda.int4_candidate(weight, 0, notes, group_size=256)  # 128 is not a multiple of 256
+    assert not cuda_candidates.int4_candidate(weight, 0, notes, group_size=256)  # 128 is not a multiple of 256
     if not CUDA:
-        assert not kernel_cuda.semi_structured_candidate(weight, 0, notes)  # CUDA tensors only
+        assert not cuda_candidates.semi_structured_candidate(weight, 0, notes)  # CUDA tensors only
     assert any(n.startswith("torch-int4-g256 skipped for 48x128") for n in notes)
     assert all(len(n) < 400 for n in notes)
 
@@ -179,7 +181,7 @@ def test_one_tiny_shape_measured_on_cpu_tensors_under_the_interpreter():
     args = kernel.parse_args(["--device", "cuda", "--batch", "1", "--repeats", "1", "--min-calls", "1"])
     args.cold_mib = 0  # one copy per candidate: each interpreted call takes a fraction of a second
     notes: list[str] = []
-    rows = kernel_cuda.bench_shape((48, 128), args, 1.0, notes, torch.device("cpu"))
+    rows = cuda_timing.bench_shape((48, 128), args, 1.0, notes, torch.device("cpu"))
     names = {r["candidate"] for r in rows}
     assert {"torch-fp16", "torch-bf16"} | GQSA_NAMES <= names
     assert all(ROW_KEYS <= set(r) and r["timing"] == "wall" and r["median_ms"] > 0 for r in rows)

@@ -1,5 +1,6 @@
-"""What the benchmark scripts share (gqsa.bench.kernel_common): the git revision with and without the uncommitted
-suffix, the results JSON, and the splicing of a generated block between its markers in a markdown document."""
+"""What the benchmark scripts share (benchmarks/bench/kernel_common.py): the git revision with and without the
+uncommitted suffix, the results JSON, and the splicing of a generated block between its markers in a markdown
+document."""
 
 import json
 import shutil
@@ -7,7 +8,7 @@ import subprocess
 
 import pytest
 
-from gqsa.bench.kernel_common import (
+from benchmarks.bench.kernel_common import (
     block_markers,
     git_revision,
     load_results,

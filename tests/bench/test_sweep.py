@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gqsa.bench.kernel_common import block_markers
+from benchmarks.bench.kernel_common import block_markers
 
 ROOT = Path(__file__).resolve().parents[2]
 # As `python benchmarks/sweep.py` has it: the sweep's files import each other by name.
@@ -30,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def kernel_json(tmp_path_factory):
     """A `gqsa bench kernel --json` file on tiny shapes (W4 S50 g16, the benchmark's defaults)."""
-    from gqsa.bench import kernel
+    from benchmarks.bench import kernel
 
     path = tmp_path_factory.mktemp("kernel") / "kernel_cpu_tiny.json"
     assert kernel.main(["--shapes", "tiny", "--batch", "1,2", "--repeats", "1", "--min-calls", "1", "--cold-mib", "1",

@@ -17,7 +17,7 @@ from gqsa.engine.fused import FusedDecoder, _shared_rows, fused_decoder
 from gqsa.format import PackedWeight
 from gqsa.models.adapter import UnsupportedArchitectureError, capture_block_inputs
 from gqsa.models.llama_parts import rotary_tables
-from gqsa.nn import GQSALinear
+from gqsa.nn import PackedLinear
 from gqsa.ops import cpu
 
 BACKENDS = ["reference"] + (["cpu"] if cpu.available() else [])
@@ -36,7 +36,7 @@ def _compress(model):
 
 def _set_backend(model, backend):
     for m in model.modules():
-        if isinstance(m, GQSALinear):
+        if isinstance(m, PackedLinear):
             m.backend = backend
     return model
 
@@ -130,7 +130,7 @@ def test_half_precision_follows_the_model():
 
 
 def _layer(rows, seed, keep=0.5, bias=True, odd=False):
-    """A packed GQSALinear with 64 inputs (groups of 16) and a random bias; ``odd``: an odd number of kept groups."""
+    """A packed PackedLinear with 64 inputs (groups of 16) and a random bias; ``odd``: an odd number of kept groups."""
     for s in range(seed, seed + 200):
         gen = torch.Generator().manual_seed(s)
         codes = torch.randint(0, 16, (rows, 4, 16), generator=gen, dtype=torch.uint8)
@@ -139,7 +139,7 @@ def _layer(rows, seed, keep=0.5, bias=True, odd=False):
         mask = torch.rand(rows, 4, generator=gen) < keep
         packed = PackedWeight.pack(codes, scale, zero, mask, 4)
         if packed.nnz % 2 == int(odd):
-            return GQSALinear.from_packed(packed, torch.randn(rows, generator=gen) if bias else None)
+            return PackedLinear.from_packed(packed, torch.randn(rows, generator=gen) if bias else None)
     raise AssertionError("no weight with the asked parity")
 
 

@@ -149,3 +149,28 @@ def test_compiled_decode_step_gives_the_same_tokens():
     spec = replace(GREEDY, max_new_tokens=6, fused=False)  # the model's own forward (the fused step: test_engine_fused)
     compiled = generate(model, IDS, replace(spec, compile=True)).tokens
     assert torch.equal(compiled, generate(model, IDS, spec).tokens)
+
+
+@pytest.mark.skipif("cpu-a8" not in available_backends("cpu", approximate=True), reason="native kernel not built")
+def test_a_named_backend_runs_every_packed_layer(monkeypatch):
+    """``use_fastest_backend(model, "cpu-a8")``: every packed layer calls the int8-activation kernel (counted), the
+    greedy tokens come out; an unknown or unavailable name is refused with the names that are available."""
+    from gqsa.nn.packed_linear import PackedLinear
+    from gqsa.ops import cpu as cpu_kernels
+
+    model = _compressed()
+    calls = []
+    original = cpu_kernels.linear_small_batch
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("act8", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "linear_small_batch", counting)
+    assert use_fastest_backend(model, "cpu-a8") == "cpu-a8"
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.backend == "cpu-a8" for m in layers)
+    tokens = generate(model, IDS, replace(GREEDY, max_new_tokens=3)).tokens
+    assert tokens.numel() >= 1 and calls and all(calls)
+    with pytest.raises(ValueError, match="not available for cpu here; available: auto, reference"):
+        use_fastest_backend(model, "triton-a8x")

@@ -73,7 +73,7 @@ def interop(compressed):
 
     example = _example()
     model, tokenizer = compressed
-    assert any(type(m).__name__ == "GQSALinear" for m in model.modules())
+    assert any(type(m).__name__ == "PackedLinear" for m in model.modules())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH_SIZE)
     tasks = {name: (spec, load_documents(spec, DOCS_PER_TASK)) for name, spec in TASKS.items()}
     tasks["handmade"] = (HANDMADE, _handmade_documents())

@@ -58,6 +58,19 @@ def test_save_load_is_exact(arch, bits, symmetric, tmp_path):
     with torch.inference_mode():
         assert torch.equal(loaded(IDS).logits, ref)
     assert tokenizer is not None and tokenizer("hello")["input_ids"] == tiny_tokenizer()("hello")["input_ids"]
+
+
+def test_checkpoints_name_no_layer_class(saved):
+    """PackedLinear was GQSALinear: checkpoint files record layers by kind, never by class name, so one saved
+    under either name loads as a PackedLinear (which the name GQSALinear still is)."""
+    model, path = saved
+    for file in path.iterdir():
+        data = file.read_bytes()
+        assert b"GQSALinear" not in data and b"PackedLinear" not in data, file.name
+    loaded, _ = gqsa.load(path)
+    layers = packed_layers(loaded)
+    assert layers and all(type(m) is gqsa.PackedLinear is gqsa.GQSALinear for m in layers.values())
+    assert layers.keys() == packed_layers(model).keys()
     assert len(packed_layers(loaded)) == 2 * 7
 
 
@@ -68,7 +81,7 @@ def test_transformers_from_pretrained_loads_gqsa_checkpoints(arch, tmp_path):
     model, cfg = _compressed(arch)
     gqsa.save(model, tiny_tokenizer(), tmp_path / "ckpt", compression=cfg.to_dict())
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    assert isinstance(hf.model.layers[0].mlp.down_proj, gqsa.GQSALinear)
+    assert isinstance(hf.model.layers[0].mlp.down_proj, gqsa.PackedLinear)
     assert hf.model.layers[0].mlp.down_proj.scale.dtype == torch.float16
     with torch.inference_mode():
         assert torch.equal(hf(IDS).logits, model(IDS).logits)
@@ -249,7 +262,7 @@ def test_format_rule_violation_is_named(saved, tmp_path):
         t[name][0] = 1000
 
     _rewrite_weights(path, break_cols)
-    with pytest.raises(CheckpointError, match=rf"model.layers.1.self_attn.o_proj.col_indices: values must be in"):
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.o_proj.col_indices: values must be in"):
         gqsa.load(path)
 
 
@@ -320,7 +333,7 @@ def test_packed_lm_head_round_trips_through_gqsa_and_transformers(arch, bits, tm
     loaded, _ = gqsa.load(tmp_path / "ckpt")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     for m in (loaded, hf):
-        assert isinstance(m.get_output_embeddings(), gqsa.GQSALinear)
+        assert isinstance(m.get_output_embeddings(), gqsa.PackedLinear)
         with torch.inference_mode():
             assert torch.equal(m(IDS).logits, ref)
 

@@ -5,7 +5,7 @@ import torch
 
 from gqsa.format.packed import quantize_to_packed
 from gqsa.nn.fake_quant import FakeQuantLinear
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 from gqsa.quant.masks import group_l2_norms, select_groups
 
 
@@ -27,7 +27,7 @@ def test_starts_at_the_packed_weight_and_packs_back_exactly(mode, symmetric, bit
     for name, t in packed.tensors().items():
         assert torch.equal(back.tensors()[name], t), name
     x = torch.randn(3, 64)
-    torch.testing.assert_close(fake(x), GQSALinear.from_packed(packed)(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fake(x), PackedLinear.from_packed(packed)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_groups_stay_zero_and_get_no_gradient():

@@ -109,3 +109,58 @@ def test_activation_quantization_error_is_small_against_the_exact_op():
     exact = packed_linear(x, p, backend="reference")
     err = (packed_linear(x, p, backend="cpu-a8") - exact).norm() / exact.norm()
     assert 1e-4 < err < 2e-2
+
+
+vnni = pytest.mark.skipif(cpu_kernels.a8_isa() != "avx512-vnni", reason="this CPU has no AVX-512 VNNI")
+
+
+def _native_a8(x, p, isa_, **kw):
+    return cpu_kernels.native_linear(x, p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point, None,
+                                     p.out_features, p.in_features, p.group_size, p.bits, act8=True, isa_=isa_, **kw)
+
+
+def _ragged_packed(symmetric: bool, groups: int = 40, seed: int = 4):
+    """Row r keeps r % (groups + 1) groups (0 .. groups kept, every tail length of the 16-entry blocks), so rows
+    start at odd and even entries (the zero-point nibbles' two alignments)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * (groups + 1)
+    w = torch.randn(n, 16 * groups, generator=gen)
+    mask = torch.zeros(n, groups, dtype=torch.bool)
+    for r in range(n):
+        mask[r, torch.randperm(groups, generator=gen)[: r % (groups + 1)]] = True
+    return quantize_to_packed(w, mask, 4, 16, symmetric=symmetric)
+
+
+@vnni
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_vnni_path_matches_the_oracle_on_ragged_rows(monkeypatch, symmetric, m, threads):
+    """The AVX-512 VNNI path (group 16, where the CPU has it) against the oracle: every row length 0..40 (full
+    blocks of 16 entries and every tail), rows cut between threads at odd entries, tiles of 4 rows of x and their
+    remainders."""
+    monkeypatch.setattr(cpu_kernels, "MIN_GROUPS_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        p = _ragged_packed(symmetric)
+        x = _x(m, p.in_features)
+        got = _native_a8(x, p, cpu_kernels.ISA_AUTO)
+        assert (got - _oracle(x, p)).abs().max() <= 1e-5 * _scale(x, p).max()
+        assert torch.all(got[:, 0] == 0) and torch.all(got[:, 41] == 0)  # rows with no kept group
+        avx2 = _native_a8(x, p, cpu_kernels.ISA_AVX2)
+        assert (got - avx2).abs().max() <= 1e-5 * _scale(x, p).max()
+        assert not torch.equal(got, avx2)  # a different kernel ran (other summation order)
+    finally:
+        torch.set_num_threads(before)
+
+
+@vnni
+def test_vnni_path_large_codes_and_activations_do_not_overflow():
+    """Codes 15 against activations +-127 in every column: the int32 lane sums stay exact."""
+    k = 16 * 64
+    w = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).repeat(8, 1) * torch.linspace(0.5, 4.0, 8)[:, None]
+    p = quantize_to_packed(w, torch.ones(8, 64, dtype=torch.bool), 4, 16)
+    x = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)[None] * 3.0
+    got = _native_a8(x, p, cpu_kernels.ISA_AUTO)
+    assert (got - _oracle(x, p)).abs().max() <= 1e-5 * _scale(x, p).max()

@@ -2,7 +2,7 @@
 
 Every backend on awkward shapes (N = 37, K = 7 groups), rows with no kept group, 0% and 100% kept, every code
 width, symmetric and asymmetric, bias, 16-bit activations, 1-D / 3-D / non-contiguous x, and batches above the
-native kernel's limit; invalid inputs raise as the op does; GQSALinear uses the bound call only for plain
+native kernel's limit; invalid inputs raise as the op does; PackedLinear uses the bound call only for plain
 inference and rebinds when its buffers, backend or device change.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gqsa.format import quantize_to_packed
-from gqsa.nn import GQSALinear
+from gqsa.nn import PackedLinear
 from gqsa.ops import available_backends, packed_linear
 from gqsa.ops import cpu as cpu_kernels
 from gqsa.ops.direct import bind_linear
@@ -91,7 +91,7 @@ def test_binding_checks_the_weight_and_the_backend_once():
 
 def test_layer_takes_the_bound_call_for_inference_and_the_op_otherwise(monkeypatch):
     p = _packed()
-    layer = GQSALinear.from_packed(p, torch.linspace(-1, 1, N))
+    layer = PackedLinear.from_packed(p, torch.linspace(-1, 1, N))
     op_calls = []
     op = torch.ops.gqsa.linear
 
@@ -115,7 +115,7 @@ def test_layer_takes_the_bound_call_for_inference_and_the_op_otherwise(monkeypat
 
 
 def test_layer_rebinds_when_buffers_backend_or_dtype_change():
-    layer = GQSALinear.from_packed(_packed(seed=0), torch.linspace(-1, 1, N))
+    layer = PackedLinear.from_packed(_packed(seed=0), torch.linspace(-1, 1, N))
     x = _x(2, K)
     with torch.inference_mode():
         first = layer(x)
@@ -137,7 +137,7 @@ def test_layer_rebinds_when_buffers_backend_or_dtype_change():
 
 
 def test_copies_and_pickles_of_a_bound_layer_compute_with_their_own_buffers():
-    layer = GQSALinear.from_packed(_packed(), torch.linspace(-1, 1, N))
+    layer = PackedLinear.from_packed(_packed(), torch.linspace(-1, 1, N))
     x = _x(2, K)
     with torch.inference_mode():
         want = layer(x)
@@ -164,7 +164,7 @@ def _graph_targets(fn, *args):
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the native CPU kernel is not built")
 def test_compiled_inference_uses_the_direct_op_once_bound_and_the_public_op_otherwise():
-    layer = GQSALinear.from_packed(_packed(), torch.linspace(-1, 1, N))
+    layer = PackedLinear.from_packed(_packed(), torch.linspace(-1, 1, N))
     x = _x(3, K)
     with torch.no_grad():
         targets, _ = _graph_targets(layer, x)  # never bound eagerly: the public op

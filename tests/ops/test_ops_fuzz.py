@@ -160,13 +160,13 @@ def test_in_place_edits_of_checked_indices_are_checked_again():
     from problems import awkward_packed
 
     from gqsa.format.packed import FormatError
-    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.nn.packed_linear import PackedLinear
     from gqsa.ops.linear import packed_linear
 
     p = awkward_packed(4, 16, False)
     x = torch.randn(2, p.in_features)
     packed_linear(x, p, backend="cpu")
-    layer = GQSALinear.from_packed(p)
+    layer = PackedLinear.from_packed(p)
     layer(x)  # binds the fast path
     p.col_indices[1] = 30000  # the same tensor as the layer's buffer: the version counter moves
     with pytest.raises(FormatError, match="col_indices"):

@@ -20,10 +20,10 @@ SCRIPT = textwrap.dedent(
     import gqsa.config, gqsa.quant, gqsa.format, gqsa.ops, gqsa.nn
     import torch
     from gqsa.format import quantize_to_packed
-    from gqsa.nn import GQSALinear
+    from gqsa.nn import PackedLinear
 
     packed = quantize_to_packed(torch.randn(4, 32), torch.ones(4, 2, dtype=torch.bool), 4, 16)
-    GQSALinear.from_packed(packed)
+    PackedLinear.from_packed(packed)
 
     def native(name):
         top, *rest = name.split(".")

@@ -273,15 +273,15 @@ def test_kernels_compile_for_sm90(case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bound_call_and_a_packed_layer_use_the_kernel(backend):
-    """The inference fast path (gqsa.ops.direct, as GQSALinear calls it) gives the op's result bit for bit."""
-    from gqsa.nn import GQSALinear
+    """The inference fast path (gqsa.ops.direct, as PackedLinear calls it) gives the op's result bit for bit."""
+    from gqsa.nn import PackedLinear
     from gqsa.ops.direct import bind_linear
 
     p = _packed(4, 16, False)
     bias = torch.randn(N).to(DEVICE)
     bound = bind_linear(p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point, bias, p.out_features,
                         p.in_features, p.group_size, p.bits, backend=backend)
-    layer = GQSALinear.from_packed(p, bias=bias)
+    layer = PackedLinear.from_packed(p, bias=bias)
     layer.backend = backend
     for m in (1, 3, 20):
         x = _x(m, p.in_features, seed=m)

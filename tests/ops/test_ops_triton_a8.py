@@ -216,14 +216,14 @@ def test_beyond_the_decode_limit_and_formats_without_a_layout_take_the_exact_ker
 
 
 def test_bound_path_and_layer_equal_the_op_and_a_changed_weight_is_repacked():
-    from gqsa.nn import GQSALinear
+    from gqsa.nn import PackedLinear
     from gqsa.ops.direct import bind_linear
 
     p = _packed(4, 16)
     bias = torch.randn(N).to(DEVICE)
     bound = bind_linear(p.crow_indices, p.col_indices, p.values, p.scale, p.zero_point, bias, p.out_features,
                         p.in_features, p.group_size, p.bits, backend="triton-a8")
-    layer = GQSALinear.from_packed(p, bias=bias)
+    layer = PackedLinear.from_packed(p, bias=bias)
     layer.backend = "triton-a8"
     for m in (1, 3):
         x = _x(m, p.in_features, seed=m)

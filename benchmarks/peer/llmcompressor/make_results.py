@@ -1,5 +1,5 @@
 """Collect logs/<name>.json (+ logs/verify.json) into /work/peer/RESULTS.json."""
-import json, glob, os
+import json, os
 ORDER = ["llmc-gptq-w4g128", "llmc-gptq-w4g128-bypass", "llmc-gptq-w4g64", "llmc-gptq-w2g64", "llmc-sparsegpt-2of4",
          "llmc-sparsegpt-s50", "llmc-wanda-s50", "llmc-wanda-2of4", "llmc-gptq-w4g64-actstatic"]
 NOTES = {

@@ -12,7 +12,7 @@ For each decoder block b, in order:
     block b  <- GQSA one-shot (masks, codes, scales)         (the starting point)
     block b  <- FakeQuantLinear layers, trained with AdamW to minimise MSE(block(compressed inputs), targets);
                 masks fixed, pruned groups exactly zero, the best state on held-out windows kept
-    block b  <- frozen back to GQSALinear (to_packed)
+    block b  <- frozen back to PackedLinear (to_packed)
     next compressed inputs = block b on the compressed inputs; next dense inputs = targets
 
 Three sets of activations live at once (dense inputs, compressed inputs, targets); past the memory budget they
@@ -38,7 +38,7 @@ from gqsa.models.surgery import set_submodule
 from gqsa.models.adapter import block_linears, block_projections
 from gqsa.nn.fake_quant import FakeQuantLinear
 from gqsa.nn.masked_linear import MaskedLinear
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +47,16 @@ FinalReportFn = Callable[[str, torch.Tensor, nn.Module, torch.Tensor], dict]
 
 
 def _swap(block: nn.Module, to_trainable: bool, dense: dict[str, torch.Tensor] | None = None) -> None:
-    """Compressed layers -> trainable ones (GQSALinear -> FakeQuantLinear "weights", with a learnable mask when
+    """Compressed layers -> trainable ones (PackedLinear -> FakeQuantLinear "weights", with a learnable mask when
     ``dense`` gives the layers' weights before pruning; pruned nn.Linear -> MaskedLinear), or back."""
     for name, module in block_projections(block).items():
-        if to_trainable and isinstance(module, GQSALinear):
+        if to_trainable and isinstance(module, PackedLinear):
             fake = FakeQuantLinear.from_module(module, mode="weights", dense=None if dense is None else dense[name])
             set_submodule(block, name, fake)
         elif to_trainable and isinstance(module, nn.Linear):
             set_submodule(block, name, MaskedLinear(module))
         elif not to_trainable and isinstance(module, FakeQuantLinear):
-            set_submodule(block, name, GQSALinear.from_packed(module.to_packed(), module.bias))
+            set_submodule(block, name, PackedLinear.from_packed(module.to_packed(), module.bias))
         elif not to_trainable and isinstance(module, MaskedLinear):
             set_submodule(block, name, module.to_linear())
 

@@ -1,10 +1,11 @@
 """E2E-OQP (End-to-End Optimized Quantization-Pruning): train only quantization parameters through the model.
 
-Every GQSALinear becomes a FakeQuantLinear in mode "qparams" (integer codes and masks frozen); the scales (and,
+Every PackedLinear becomes a FakeQuantLinear in mode "qparams" (integer codes and masks frozen); the scales (and,
 if asked, the zero points) train on the next-token loss of the calibration windows, mixed with the KL divergence
 from the dense model's next-token distributions when ``spec.distill`` > 0 (``gqsa.algorithms.distill``); every
-other parameter of the model stays frozen. Gradient checkpointing of the decoder blocks bounds activation memory. At the end the
-layers are frozen back into the packed format with the trained scales.
+other parameter of the model stays frozen. Activation recomputation in the decoder blocks (transformers calls it
+gradient checkpointing) bounds activation memory. At the end the layers are frozen back into the packed format with
+the trained scales.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gqsa.algorithms.distill import TeacherTopK, top_k_kl
 from gqsa.algorithms.training import autocast_dtype, fit
 from gqsa.config import E2ESpec
 from gqsa.nn.fake_quant import FakeQuantLinear
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +29,18 @@ def _swap_all(model: nn.Module, to_fake: bool, train_zero_point: bool = False) -
 
     fakes = []
     for name, module in list(model.named_modules()):
-        if to_fake and isinstance(module, GQSALinear):
+        if to_fake and isinstance(module, PackedLinear):
             fake = FakeQuantLinear.from_module(module, mode="qparams", train_zero_point=train_zero_point)
             set_submodule(model, name, fake)
             fakes.append(fake)
         elif not to_fake and isinstance(module, FakeQuantLinear):
-            set_submodule(model, name, GQSALinear.from_packed(module.to_packed(), module.bias))
+            set_submodule(model, name, PackedLinear.from_packed(module.to_packed(), module.bias))
     return fakes
 
 
-def _checkpointing(model: nn.Module, on: bool) -> None:
-    """Turn transformers' activation (gradient) checkpointing on or off; transformers 5 renamed the methods."""
+def _recompute_activations(model: nn.Module, on: bool) -> None:
+    """Turn activation recomputation in the backward pass on or off (transformers' "gradient checkpointing";
+    transformers 5 renamed its methods to "activation checkpointing")."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
@@ -56,7 +58,7 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
     """Train the scales (and zero points) of every packed layer of ``model`` on the loss of ``calib_ids``.
 
     Args:
-        model: a transformers causal LM whose compressed layers are GQSALinear (modified in place).
+        model: a transformers causal LM whose compressed layers are PackedLinear (modified in place).
         calib_ids: (n, L) token windows; the last ``spec.val_windows`` are held out for early stopping.
         progress: a progress bar of optimizer steps.
         teacher: the dense model's top-k distributions on ``calib_ids`` (``teacher_top_k``); needed when
@@ -67,7 +69,7 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
         "epochs_run", "steps", "layers"}.
 
     Raises:
-        ValueError: no GQSALinear in the model, or distillation asked without a teacher of ``calib_ids``' shape.
+        ValueError: no PackedLinear in the model, or distillation asked without a teacher of ``calib_ids``' shape.
     """
     if spec.distill > 0 and (teacher is None or tuple(teacher.rest.shape) != tuple(calib_ids.shape)):
         got = None if teacher is None else tuple(teacher.rest.shape)
@@ -75,7 +77,7 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
                          f"{tuple(calib_ids.shape)} calibration windows (teacher_top_k); got {got}")
     fakes = _swap_all(model, to_fake=True, train_zero_point=spec.train_zero_point)
     if not fakes:
-        raise ValueError("E2E-OQP: the model has no GQSALinear layer; compress it first")
+        raise ValueError("E2E-OQP: the model has no PackedLinear layer; compress it first")
     requires = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     scales = [m.scale for m in fakes]
@@ -84,10 +86,11 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
         p.requires_grad_(False)
     for p in scales + zeros:
         p.requires_grad_(True)
-    checkpointing = spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
-    if checkpointing:
-        _checkpointing(model, True)
-    model.train()  # transformers applies gradient checkpointing in training mode; these models have no dropout
+    # the config key keeps transformers' name ("gradient_checkpointing"): saved configs and resume states use it
+    recompute = spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if recompute:
+        _recompute_activations(model, True)
+    model.train()  # transformers recomputes activations only in training mode; these models have no dropout
 
     device = next(model.parameters()).device
 
@@ -110,8 +113,8 @@ def e2e_oqp(model: nn.Module, calib_ids: torch.Tensor, spec: E2ESpec, progress: 
                      label="E2E-OQP", progress=progress,
                      autocast=autocast_dtype(spec.train_dtype))
     finally:
-        if checkpointing:
-            _checkpointing(model, False)
+        if recompute:
+            _recompute_activations(model, False)
         model.train(was_training)
         for p, flag in requires.items():
             p.requires_grad_(flag)

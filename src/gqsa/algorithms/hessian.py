@@ -67,7 +67,8 @@ def damped_inverse_cholesky(
         damped = h + lam * mean_diag * torch.eye(h.shape[0], device=h.device)
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            # H^-1 = L^-T L^-1 through one triangular solve: torch.cholesky_inverse is ~40x slower on CPU.
+            # H^-1 = L^-T L^-1 through one triangular solve: torch.cholesky_inverse is much slower on the CPU
+            # (docs/RESULTS.md, "Measurements behind code constants").
             eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
             linv = torch.linalg.solve_triangular(chol, eye, upper=False)
             hinv = linv.T @ linv

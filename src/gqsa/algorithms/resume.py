@@ -1,7 +1,7 @@
 """Resume state of a long block-wise compression: finished blocks saved so that the same command continues.
 
 After block b is finished, its compressed layers (``block_XXXX.safetensors``: the packed tensors of a
-GQSALinear, or the weight of a layer pruned in float) and its entry (``block_XXXX.json``: the block's report, the
+PackedLinear, or the weight of a layer pruned in float) and its entry (``block_XXXX.json``: the block's report, the
 SHA-256 of the tensor file and of the report) are written atomically into the resume directory, the entry last.
 ``resume.json`` holds the fingerprint of what is being computed: the resolved config, the calibration tokens,
 the model's config and weights, and the gqsa version. A run with another fingerprint never replays these
@@ -26,7 +26,7 @@ from torch import nn
 from gqsa._version import __version__
 from gqsa.format.checkpoint import tensor_sha256
 from gqsa.format.packed import FORMAT_VERSION, PackedWeight
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -113,14 +113,14 @@ class ResumeState:
         """Store the finished block's compressed layers (by name within the block) and its report.
 
         Args:
-            layers: GQSALinear or ``nn.Linear`` (pruned in float) modules.
+            layers: PackedLinear or ``nn.Linear`` (pruned in float) modules.
             record: the block's report (JSON-serialisable).
         """
         from safetensors.torch import save
 
         tensors, meta = {}, {}
         for name, module in layers.items():
-            if isinstance(module, GQSALinear):
+            if isinstance(module, PackedLinear):
                 packed = module.packed_weight()
                 parts = packed.tensors()
                 meta[name] = json.dumps({"kind": "packed", **packed.metadata()})
@@ -222,4 +222,4 @@ def _layer(name: str, meta: dict, tensors: dict[str, torch.Tensor], device) -> n
     if packed.symmetric != meta["symmetric"] or packed.nnz != meta["nnz"]:
         raise ValueError("tensors disagree with the recorded metadata")
     packed.validate(name)
-    return GQSALinear.from_packed(packed.to(device), None if bias is None else bias.to(device))
+    return PackedLinear.from_packed(packed.to(device), None if bias is None else bias.to(device))

@@ -1,33 +1,18 @@
 """A fused decode step for the Llama family: the model's forward rewritten with as few torch calls as it needs.
 
-A decode step through a transformers model's ``forward`` makes over a thousand small eager calls per token
-(output objects, mask and cache bookkeeping, per-module hooks and reshapes); at batch 1 on the CPU they cost
-about as much as the packed linear layers themselves. ``FusedDecoder`` computes the same function, gpt-fast
-style, from the model's own tensors (``gqsa.models.llama_parts.llama_family_parts``):
+A transformers ``forward`` makes over a thousand small eager calls per token, which at batch 1 on the CPU cost
+about as much as the packed layers. ``FusedDecoder`` computes the same function, gpt-fast style, from the
+model's own tensors (``gqsa.models.llama_parts.llama_family_parts``): its own static KV cache (per block a
+(1, n_kv_heads, max_len, head_dim) key and value tensor; ``scaled_dot_product_attention`` with ``enable_gqa``);
+rotary tables computed once by the model's rotary module, then indexed (bit for bit the model's rotation);
+residual add + RMSNorm in one native call (``gqsa.ops.norm.add_rms_norm``; elsewhere ``F.rms_norm``); every
+layer through its cheapest exact call (bound kernels for packed layers, ``F.linear`` for ``nn.Linear``, the
+module otherwise); q/k/v and gate/up as one shared-rows call each when they are small ``PackedLinear`` layers
+(``gqsa.format.concat_rows``, a copy, see ``SHARED_ROWS_MAX_BYTES``; prompts above the native batch limit call
+the parts one by one); the final norm and the LM head on the last position only.
 
-* its own static KV cache: per block a (1, n_kv_heads, max_len, head_dim) key and value tensor; attention by
-  ``scaled_dot_product_attention`` over the filled prefix, causal for a prompt, ``enable_gqa`` for grouped heads
-  (measured on SmolLM2's shapes: the same numbers as repeating the key/value heads, at less than half the time);
-* rotary tables for every cache position computed once by the model's own rotary module, then indexed; the
-  rotation ``x * cos + rotate_half(x) * sin`` of q and k together as ``x * cos + roll(x, half) * sin'`` with the
-  sign of ``rotate_half`` folded into ``sin'`` (the same products and sums: bit for bit the model's result);
-* RMSNorm and the residual add before it in one native call (``gqsa.ops.norm.add_rms_norm``, float32 on the
-  CPU: 7 us against 16 us for the add and ``F.rms_norm``; equal to transformers' RMSNorm to float32 rounding);
-  elsewhere ``F.rms_norm`` (bit for bit transformers' in float32; other dtypes follow transformers' order:
-  normalise in float32, cast, then scale);
-* every layer through the cheapest call that gives its forward's result: bound kernels for packed layers,
-  ``F.linear`` on the weights of ``nn.Linear`` ones, the module itself for anything else;
-* q/k/v as one linear call and gate/up as one when they are all small ``GQSALinear`` layers that can share rows
-  (``gqsa.format.concat_rows``; a copy of their packed tensors: 26 MiB for SmolLM2-135M W4S50, none for large
-  layers, see ``SHARED_ROWS_MAX_BYTES``), called through the kernel bound to them (``gqsa.ops.direct``); prompts
-  longer than the native kernel's batch limit call the parts one by one (there a packed call dequantizes its
-  whole weight, and twice the weight per call was measured slower); dense layers are called one by one on their
-  own weights;
-* the final norm and the LM head (whatever module the model has) on the last position only.
-
-On the native CPU kernel with one thread, at batch 1, a shared-rows output is bit for bit the separate layers' when
-every part before the last keeps an even number of groups (the batch-1 kernel pairs kept groups from even
-entries, so an odd offset changes the summation order of a row: then they agree to float32 rounding).
+On the native CPU kernel with one thread, at batch 1, a shared-rows output is bit for bit the separate layers'
+when every part before the last keeps an even number of groups (otherwise equal to float32 rounding).
 
     decoder = FusedDecoder(model)               # raises UnsupportedArchitectureError for other models
     decoder.check_length(max_len)               # and for sequences longer than a sliding attention window
@@ -35,8 +20,7 @@ entries, so an odd offset changes the summation order of a row: then they agree 
     logits = decoder.prefill(input_ids, cache)  # (1, vocab): the last prompt position
     logits = decoder.decode_one_token(token, position, cache)
 
-``fused_decoder(model)`` keeps one per model and builds it again when the model's layers, their tensors or their
-backends change. ``gqsa.engine.generate`` uses it where the model is supported (``GenerationSpec.fused``).
+``fused_decoder(model)`` caches one per model, rebuilt when its layers, tensors or backends change.
 """
 
 from __future__ import annotations
@@ -76,9 +60,9 @@ class KVCache:
 
 def _linear_fn(module: nn.Module) -> Linear:
     """The cheapest call of ``module`` that gives its forward's result for a plain inference input."""
-    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.nn.packed_linear import PackedLinear
 
-    if isinstance(module, GQSALinear) and module.fast_path:
+    if isinstance(module, PackedLinear) and module.fast_path:
         return module.bound()  # the kernel bound to the layer's buffers, bit for bit its forward
     if type(module) is nn.Linear:
         return functools.partial(F.linear, weight=module.weight, bias=module.bias)
@@ -89,22 +73,21 @@ def _module_call(module: nn.Module) -> Linear:
     return module
 
 
-# Shared-rows layers copy their parts' packed tensors. They save one call's fixed cost (about 5-8 us of Python,
-# dispatch and thread start) per part, which matters only where the kernel itself is short: measured on
-# SmolLM2-135M W4S50 (q/k/v 0.2 MiB, gate/up 0.5 MiB packed), one thread, 23.6 against 24.6 ms per token, for
-# 26 MiB of copies. Parts holding more than this many packed bytes in all stay separate calls (on Llama-2-7B
-# shapes, 20-50 MiB per group, the copies would grow the resident model by 5/7 for well under 1% of speed).
+# Shared-rows layers copy their parts' packed tensors. They save one call's fixed cost (Python, dispatch, thread
+# start) per part, which matters only where the kernel itself is short. Parts holding more than this many packed
+# bytes in all stay separate calls: for large layers the copies would grow the resident model much more than they
+# save (docs/RESULTS.md, "Measurements behind code constants").
 SHARED_ROWS_MAX_BYTES = 4 << 20
 
 
 def _shared_rows(modules: list[nn.Module], max_bytes: int = SHARED_ROWS_MAX_BYTES) -> nn.Module | None:
-    """One ``GQSALinear`` computing ``torch.cat([m(x) for m in modules], -1)``, or None when they cannot share
+    """One ``PackedLinear`` computing ``torch.cat([m(x) for m in modules], -1)``, or None when they cannot share
     rows (not all packed on the bound fast path, more than ``max_bytes`` packed bytes in all, or different
     in_features, group_size, bits, symmetry, backend, bias presence or bias dtype)."""
     from gqsa.format.packed import concat_rows
-    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.nn.packed_linear import PackedLinear
 
-    if not all(isinstance(m, GQSALinear) and m.fast_path for m in modules):
+    if not all(isinstance(m, PackedLinear) and m.fast_path for m in modules):
         return None
     if sum(m.packed_weight().nbytes() for m in modules) > max_bytes:
         return None
@@ -120,7 +103,7 @@ def _shared_rows(modules: list[nn.Module], max_bytes: int = SHARED_ROWS_MAX_BYTE
     except ValueError:  # e.g. parts on different devices
         return None
     bias = None if biases[0] is None else torch.cat(biases)  # (sum out_features,)
-    return GQSALinear.from_packed(packed, bias=bias, backend=first.backend)
+    return PackedLinear.from_packed(packed, bias=bias, backend=first.backend)
 
 
 class _Block:
@@ -154,7 +137,7 @@ class FusedDecoder:
     and ``lm_head`` at every call.
 
     Args:
-        model: a supported transformers causal LM in eval mode, dense or with ``GQSALinear`` layers.
+        model: a supported transformers causal LM in eval mode, dense or with ``PackedLinear`` layers.
 
     Raises:
         UnsupportedArchitectureError: anything the step does not compute exactly as the model does (see
@@ -181,8 +164,8 @@ class FusedDecoder:
         self.fused_linears = sum((q is not None) + (g is not None) for q, g in self.shared)
         self.blocks = [_Block(b, shared, _linear_fn) for b, shared in zip(parts.blocks, self.shared)]
         # Long prompts: the packed layers one by one. Above the native kernel's batch limit a packed call
-        # dequantizes its whole weight and multiplies densely; measured on SmolLM2-135M W4S50, a 128-token
-        # prefill took 10% longer through the shared-rows layers (twice the dequantized weight per call).
+        # dequantizes its whole weight and multiplies densely; through the shared-rows layers that is twice the
+        # dequantized weight per call, which was slower (docs/RESULTS.md, "Measurements behind code constants").
         self.prompt_blocks = self.blocks if self.fused_linears == 0 else \
             [_Block(b, (None, None), _linear_fn) for b in parts.blocks]
         self.shared_rows_max_tokens = min((native_batch_limit(m.out_features, m.in_features)
@@ -319,9 +302,9 @@ class FusedDecoder:
     def compiled_decode_one_token(self) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
         """``decode_one_token`` compiled by ``torch.compile`` (compiled on its first call; the position is a
         dynamic integer, so one graph serves every step). The linear layers are called as modules: packed ones
-        emit ``gqsa::linear_direct`` (they were bound by the eager step's construction). Measured on SmolLM2-135M
-        W4S50, one thread: slower than the eager step (25.1 against 23.4 ms per token) after about two minutes
-        of compilation, the op calls costing more than the eager calls that inductor fuses."""
+        emit ``gqsa::linear_direct`` (they were bound by the eager step's construction). Slower than the eager
+        step on the CPU, the op calls costing more than the eager calls that inductor fuses (docs/RESULTS.md,
+        "End to end: generation on the CPU")."""
         if self._compiled is None:
             blocks = [_Block(b, shared, _module_call) for b, shared in zip(self.parts.blocks, self.shared)]
             lm_head = self.parts.lm_head
@@ -345,12 +328,12 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _fingerprint(model: nn.Module) -> tuple:
     """What a FusedDecoder depends on: the modules, their tensors (storage, in-place version) and backends."""
-    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.nn.packed_linear import PackedLinear
 
     key: list = [model.training]
     for module in model.modules():
         key.append(id(module))
-        if isinstance(module, GQSALinear):
+        if isinstance(module, PackedLinear):
             key += [module.backend, module.fast_path]
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is not None:

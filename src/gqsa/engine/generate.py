@@ -137,25 +137,35 @@ def eos_token_ids(model: nn.Module, tokenizer=None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def use_fastest_backend(model: nn.Module) -> str:
-    """Point every packed layer at the kernel that ``backend="auto"`` picks for its device; returns its name.
+def use_fastest_backend(model: nn.Module, backend: str = "auto") -> str:
+    """Point every packed layer at one kernel and return its name: by default the one ``backend="auto"`` picks for
+    their device, else ``backend`` (any kernel serving that device, approximate ones such as ``cpu-a8`` included).
 
     The registry orders kernels by priority (the fastest exact one first); naming it explicitly makes the choice
     visible and saves the lookup. "reference" when no kernel serves the device, "dense" when the model has no
     packed layer.
+
+    Raises:
+        ValueError: ``backend`` is not a kernel available for the layers' device (the message lists those that are).
     """
-    from gqsa.nn.packed_linear import GQSALinear
+    from gqsa.nn.packed_linear import PackedLinear
     from gqsa.ops import available_backends, reference_linear
     from gqsa.ops.backends import select_kernel
 
-    layers = [m for m in model.modules() if isinstance(m, GQSALinear)]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if not layers:
         logger.info("no packed layer: the model runs on torch's dense kernels")
         return "dense"
     device_type = layers[0].values.device.type
-    auto = select_kernel("auto", device_type, reference_linear)
-    names = available_backends(device_type)[2:]  # after "auto" and "reference"
-    backend = next((n for n in names if select_kernel(n, device_type, reference_linear) is auto), "reference")
+    if backend == "auto":
+        auto = select_kernel("auto", device_type, reference_linear)
+        names = available_backends(device_type)[2:]  # after "auto" and "reference"
+        backend = next((n for n in names if select_kernel(n, device_type, reference_linear) is auto), "reference")
+    else:
+        usable = available_backends(device_type, approximate=True)
+        if backend not in usable:
+            raise ValueError(f"backend {backend!r} is not available for {device_type} here; available: "
+                             f"{', '.join(usable)}")
     for layer in layers:
         layer.backend = backend
     logger.info("%d packed layers on %s use gqsa backend %r", len(layers), device_type, backend)
@@ -222,7 +232,7 @@ def generate(
     """Generate up to ``spec.max_new_tokens`` tokens after ``input_ids`` (batch 1).
 
     Args:
-        model: a transformers causal LM (dense or with GQSALinear layers), in eval mode.
+        model: a transformers causal LM (dense or with PackedLinear layers), in eval mode.
         input_ids: (1, T) int64 prompt, T >= 1.
         spec: length, sampling and compilation settings.
         eos_ids: end-of-sequence ids (ignored when ``spec.stop_at_eos`` is False).

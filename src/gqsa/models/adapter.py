@@ -8,24 +8,13 @@ Supported (transformers 5.x): ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qw
 ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (``gemma3_text``) and the language model of the multimodal
 ``Gemma3ForConditionalGeneration`` (``gemma3``; its vision tower and projector are left alone).
 
-Calling blocks one at a time (transformers 5.23)
-------------------------------------------------
-A model's ``forward`` embeds the tokens, then builds, once for the whole stack, what every decoder layer needs
-besides the hidden states, and passes it as keyword arguments::
-
-    hidden = layer(hidden, attention_mask=..., position_embeddings=(cos, sin), position_ids=...,
-                   past_key_values=..., use_cache=...)
-
-* ``position_embeddings`` is the rotary ``(cos, sin)`` pair, each ``(1 or B, T, head_dim)``, computed by the
-  model's ``rotary_emb`` module (layers no longer own one).
-* ``attention_mask`` is the already-built 4D mask of that layer's attention kind, or ``None`` when the attention
-  implementation can use its causal fast path (SDPA without padding).
-* Gemma 3 (and Qwen2/3 with ``use_sliding_window``) mix ``sliding_attention`` and ``full_attention`` layers, listed
-  in ``config.layer_types``: the model builds one mask *and* (Gemma 3) one rotary table per kind -- local layers
-  use rope base 10k, global ones 1M -- and hands each layer the pair of its kind.
-
-:func:`capture_block_inputs` does not rebuild any of this: it runs the model's own ``forward`` with every decoder
-layer temporarily swapped for a recorder, so it gets exactly what the model would pass to each layer.
+Calling a block on its own: the model's ``forward`` builds, once for the stack, what each decoder layer needs
+besides the hidden states and passes it as keywords (``attention_mask``: the 4D mask of that layer's attention
+kind, or ``None`` on the causal fast path; ``position_embeddings``: the rotary ``(cos, sin)``, each
+``(1 or B, T, head_dim)``; ``position_ids``, ``past_key_values``, ``use_cache``). Models that mix
+``sliding_attention`` and ``full_attention`` layers (``config.layer_types``: Gemma 3, Qwen2/3 with
+``use_sliding_window``) build one mask, and Gemma 3 one rotary table, per kind. :func:`capture_block_inputs`
+rebuilds none of this: it runs the model's own ``forward`` with every decoder layer swapped for a recorder.
 
 The fused decode step's view of a Llama-family block is ``gqsa.models.llama_parts``.
 """

@@ -2,7 +2,7 @@
 
 ``save_compressed`` writes (atomically) ``model.safetensors``, ``gqsa_config.json``, the transformers config
 (with a ``quantization_config`` naming gqsa) and the tokenizer. ``load_compressed`` builds the model skeleton on
-the meta device, swaps in empty ``GQSALinear`` shells, checks the weights file against ``gqsa_config.json`` and
+the meta device, swaps in empty ``PackedLinear`` shells, checks the weights file against ``gqsa_config.json`` and
 the skeleton, and loads it with ``assign=True``: no dense weight is ever materialised. ``check_checkpoint`` makes
 the same checks without building the weights (``gqsa info``), and ``verify_loaded_model`` makes them on a model
 that transformers' ``from_pretrained`` filled. Float baselines are saved as plain transformers checkpoints
@@ -73,7 +73,7 @@ def save_compressed(
     """Write a compressed model as a gqsa checkpoint directory, atomically.
 
     Args:
-        model: a transformers model whose compressed linears are GQSALinear.
+        model: a transformers model whose compressed linears are PackedLinear.
         tokenizer: saved beside it (may be None).
         out_dir: target directory; it appears complete or not at all.
         compression: the resolved compression config (``CompressConfig.to_dict()``), recorded in gqsa_config.json.
@@ -86,7 +86,7 @@ def save_compressed(
     out_dir = Path(out_dir)
     layers = layer_metadata(model)
     if not layers:
-        raise ValueError("save_compressed: the model has no GQSALinear layer; compress it first")
+        raise ValueError("save_compressed: the model has no PackedLinear layer; compress it first")
     state = model.state_dict()
     tied = _tied_duplicates(state)
     for name in tied:

@@ -2,7 +2,7 @@
 
 A gqsa checkpoint's ``config.json`` carries ``"quantization_config": {"quant_method": "gqsa", ...}`` with the
 metadata of every packed layer. ``register_with_transformers()`` (called by ``import gqsa``) registers the
-config class and a quantizer that swaps those ``nn.Linear`` modules for empty ``GQSALinear`` shells before
+config class and a quantizer that swaps those ``nn.Linear`` modules for empty ``PackedLinear`` shells before
 transformers fills them from the safetensors file.
 
 Checkpoints come from strangers, so this path checks what ``gqsa.load`` checks: before any weight is read, the

@@ -43,7 +43,7 @@ class RMSNormParts:
 
 @dataclass(frozen=True)
 class BlockParts:
-    """One decoder block: its norms and linear modules (``nn.Linear``, ``GQSALinear``, ...), the model's own.
+    """One decoder block: its norms and linear modules (``nn.Linear``, ``PackedLinear``, ...), the model's own.
 
     ``q_norm`` / ``k_norm`` (Qwen3) normalise each head of q and k (weight (head_dim,)) before the rotary
     embedding; None elsewhere. ``scaling`` multiplies q k^T (the attention module's own).

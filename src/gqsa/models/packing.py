@@ -9,7 +9,7 @@ from torch import nn
 
 from gqsa.models.surgery import set_submodule
 from gqsa.nn.packed_embedding import PackedEmbedding
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def _untie_word_embeddings(model: nn.Module) -> None:
 
 def pack_lm_head(
     model: nn.Module, bits: int = 4, group_size: int = 16, symmetric: bool = False, qparam_method: str = "minmax"
-) -> GQSALinear:
+) -> PackedLinear:
     """Store the LM head in the packed format at sparsity 0: every group kept, rounded to nearest per group.
 
     A small model's LM head is one of its largest matrices (SmolLM2-135M: 49152 x 576, as many weights as 50 of
@@ -36,7 +36,7 @@ def pack_lm_head(
         bits, group_size, symmetric, qparam_method: the quantization (``gqsa.QuantSpec``'s meaning).
 
     Returns:
-        The new GQSALinear, already swapped into the model.
+        The new PackedLinear, already swapped into the model.
 
     Raises:
         ValueError: the head is already packed or not a linear layer, or the quantization is invalid for it.
@@ -47,7 +47,7 @@ def pack_lm_head(
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, qparam_method=qparam_method)
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is head), None)
-    if isinstance(head, GQSALinear):
+    if isinstance(head, PackedLinear):
         raise ValueError(f"the LM head {name!r} is already packed")
     if not isinstance(head, nn.Linear) or name is None:
         raise ValueError(f"the LM head must be an nn.Linear, got {type(head).__name__}")
@@ -56,7 +56,7 @@ def pack_lm_head(
     keep = torch.ones(head.out_features, head.in_features // group_size, dtype=torch.bool)  # (vocab, G)
     packed = quantize_to_packed(weight, keep, bits, group_size, symmetric, qparam_method).to(weight.device)
     bias = None if head.bias is None else head.bias.detach()
-    layer = GQSALinear.from_packed(packed, bias)
+    layer = PackedLinear.from_packed(packed, bias)
     set_submodule(model, name, layer)
     _untie_word_embeddings(model)
     logger.info("LM head %s packed: W%d g%d, %.2f bits per weight", name, spec.bits, spec.group_size,

@@ -1,7 +1,7 @@
 """Module surgery on transformers models: swap packed layers in, find them, describe them for a checkpoint.
 
 ``swap_in_packed_shells`` replaces the ``nn.Linear`` (or ``nn.Embedding``) modules named in a checkpoint's
-``layers`` map by empty ``GQSALinear`` (``PackedEmbedding``) shells, on the meta device for a skeleton that a
+``layers`` map by empty ``PackedLinear`` (``PackedEmbedding``) shells, on the meta device for a skeleton that a
 state dict then fills; loaders (``gqsa.models.checkpoints``, transformers' ``from_pretrained`` through
 ``gqsa.models.hf_integration``) build on it.
 """
@@ -13,7 +13,7 @@ from torch import nn
 
 from gqsa.format.checkpoint import CheckpointError
 from gqsa.nn.packed_embedding import PackedEmbedding
-from gqsa.nn.packed_linear import GQSALinear
+from gqsa.nn.packed_linear import PackedLinear
 
 LAYER_KEYS = ("out_features", "in_features", "group_size", "bits", "symmetric", "nnz", "bias")
 
@@ -25,13 +25,13 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def packed_layers(model: nn.Module) -> dict[str, GQSALinear]:
-    """Every GQSALinear of the model by full module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, GQSALinear)}
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """Every PackedLinear of the model by full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
 def layer_metadata(model: nn.Module) -> dict[str, dict]:
-    """Per packed layer, what a loader needs to build it empty (``GQSALinear.metadata``), and the same for a
+    """Per packed layer, what a loader needs to build it empty (``PackedLinear.metadata``), and the same for a
     packed input embedding (``PackedEmbedding.metadata``, marked ``"kind": "embedding"``)."""
     out = {name: m.metadata() for name, m in packed_layers(model).items()}
     out.update({name: m.metadata() for name, m in model.named_modules() if isinstance(m, PackedEmbedding)})
@@ -41,7 +41,7 @@ def layer_metadata(model: nn.Module) -> dict[str, dict]:
 def swap_in_packed_shells(
     model: nn.Module, layers: dict[str, dict], dtype: torch.dtype | None = None, device: str = "meta"
 ) -> None:
-    """Replace the named ``nn.Linear`` modules by empty GQSALinear layers shaped by ``layers``' metadata (and an
+    """Replace the named ``nn.Linear`` modules by empty PackedLinear layers shaped by ``layers``' metadata (and an
     ``nn.Embedding`` by an empty PackedEmbedding for an entry of ``"kind": "embedding"``).
 
     Raises:
@@ -68,7 +68,7 @@ def swap_in_packed_shells(
         if meta.get("kind", "linear") != "linear":
             raise CheckpointError(f"layer {name!r}: unknown kind {meta['kind']!r} (this gqsa reads 'linear' and "
                                   "'embedding')")
-        if not isinstance(old, (nn.Linear, GQSALinear)):
+        if not isinstance(old, (nn.Linear, PackedLinear)):
             raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a linear layer")
         if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
             raise CheckpointError(
@@ -76,7 +76,7 @@ def swap_in_packed_shells(
                 f"config gives {old.out_features}x{old.in_features}"
             )
         bias_dtype = dtype or (old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32)
-        shell = GQSALinear(
+        shell = PackedLinear(
             meta["in_features"],
             meta["out_features"],
             bits=meta["bits"],

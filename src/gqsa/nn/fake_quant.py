@@ -1,4 +1,4 @@
-"""A trainable fake-quantized stand-in for GQSALinear, used by BQPO and E2E-OQP.
+"""A trainable fake-quantized stand-in for PackedLinear, used by BQPO and E2E-OQP.
 
 Pruned groups contribute exact zeros in every forward pass. The mask is fixed unless the layer is built with the
 dense weight (``dense=``, mode "weights" only): then the pruned groups keep trainable float weights of their own
@@ -90,7 +90,7 @@ class FakeQuantLinear(nn.Module):
     @classmethod
     def from_module(cls, module, mode: str = "weights", train_zero_point: bool = False,
                     dense: torch.Tensor | None = None) -> FakeQuantLinear:
-        """From a GQSALinear (its packed weight and bias); ``dense`` makes the mask learnable."""
+        """From a PackedLinear (its packed weight and bias); ``dense`` makes the mask learnable."""
         return cls(module.packed_weight(), module.bias, mode, train_zero_point, dense).to(module.scale.device)
 
     def _scale(self) -> torch.Tensor:

@@ -49,8 +49,8 @@ class PackedEmbedding(nn.Module):
         QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, qparam_method=qparam_method) \
             .check_in_features(embedding.embedding_dim, layer="input embedding")
         weight = embedding.weight.detach()  # (vocab, dim)
-        # in slices of rows: quantizing a whole table at once holds several float32 copies of it (measured on a
-        # 32000 x 4096 table: 2.7 GB above the table itself)
+        # in slices of rows: quantizing a whole table at once holds several float32 copies of it (docs/RESULTS.md,
+        # "Measurements behind code constants")
         parts = []
         for start in range(0, embedding.num_embeddings, QUANTIZE_ROWS):
             rows = weight[start:start + QUANTIZE_ROWS].float()  # (r, dim)

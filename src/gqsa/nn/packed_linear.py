@@ -1,4 +1,7 @@
-"""``GQSALinear``: an inference linear layer holding a packed group-sparse weight as buffers."""
+"""``PackedLinear``: an inference linear layer holding a packed group-sparse weight as buffers.
+
+``GQSALinear`` is its former name, kept as an alias (the same class) for users' code and pickled models.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from gqsa.ops.backends import Backend
 from gqsa.ops.direct import BoundLinear, bind_linear
 
 
-class GQSALinear(nn.Module):
+class PackedLinear(nn.Module):
     """Linear layer whose weight is stored in the packed format (docs/FORMAT.md); calls ``gqsa::linear``.
 
     The format tensors are buffers, so they move with ``.to(device)`` and appear in ``state_dict()`` as
@@ -74,7 +77,7 @@ class GQSALinear(nn.Module):
     @classmethod
     def from_packed(
         cls, packed: PackedWeight, bias: torch.Tensor | None = None, backend: str = Backend.AUTO.value
-    ) -> GQSALinear:
+    ) -> PackedLinear:
         """Wrap a PackedWeight (tensors are shared, not copied)."""
         module = cls(
             packed.in_features,
@@ -177,3 +180,6 @@ class GQSALinear(nn.Module):
             f"group_size={self.group_size}, symmetric={self.symmetric}, nnz={self.nnz}, "
             f"sparsity={sparsity:.3f}, bias={self.bias is not None}, backend={self.backend!r}"
         )
+
+
+GQSALinear = PackedLinear  # the former name; the same class (checkpoint files record no class name)

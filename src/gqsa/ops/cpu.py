@@ -1,31 +1,21 @@
 """Native CPU kernels for ``gqsa::linear``: the ``cpu`` (task-centric) and ``cpu-rowsplit`` backends.
 
 The C code is csrc/ (gqsa_cpu.h maps its files), built by setup.py as the optional extension
-``gqsa._native_cpu``; it is imported lazily (on the first call or availability check), never by
-``import gqsa``. Where it was not built both kernels report themselves unavailable and ``backend="auto"``
-falls back to the reference.
+``gqsa._native_cpu``, imported lazily (first call or availability check), never by ``import gqsa``. Where it
+was not built the kernels report themselves unavailable and ``backend="auto"`` falls back to the reference.
 
-How the work is split over T threads (torch.get_num_threads(), fewer for small matrices: at least
-``MIN_GROUPS_PER_THREAD`` kept groups each):
+Work split over T threads (torch.get_num_threads(), fewer for small matrices: ``MIN_GROUPS_PER_THREAD``):
 
-* ``cpu`` (task-centric, the default): the nnz kept groups are cut into T equal ranges whatever the rows, so
-  every thread unpacks the same number of groups even when rows keep very different numbers of groups. A
-  thread finds its first row by binary search in ``crow_indices``; a row cut between two threads is written as
-  a partial sum per thread and the partials are added in thread order afterwards (no atomics on the hot path;
-  the result is deterministic for a given thread count).
-* ``cpu-rowsplit`` (data-centric, for comparison): rows are cut into T equal ranges.
-* ``cpu-a8`` (approximate, only when asked for): task-centric, with x quantized to int8 per 16 columns and
-  integer dot products (AVX2 ``maddubs``) for 4-bit weights: fewer instructions per kept group. Its error is
-  that of the activation quantization (``gqsa.quant.int8_activations``).
+* ``cpu`` (default): the nnz kept groups cut into T equal ranges whatever the rows; a row cut between two
+  threads is summed per thread and the partials added in thread order (deterministic for a given T).
+* ``cpu-rowsplit`` (for comparison): rows cut into T equal ranges.
+* ``cpu-a8`` (approximate, by name only): task-centric, x quantized to int8 per 16 columns, integer dot
+  products for 4-bit weights; its error is the activation quantization's (``gqsa.quant.int8_activations``).
 
-Every kept group is unpacked and dequantized once per call (``s * (q - z)`` in float32, the reference's weight
-bit for bit) and used for all M rows of x: in registers, fused with the multiply, for 4-bit group-16 weights and
-any M and for other formats up to M = 8; otherwise into a per-thread buffer holding the row's kept groups, then
-multiplied in tiles of 8 rows of x. Above ``native_batch_limit`` rows (96 for large weights, 40 for small ones)
-the weight is dequantized densely (natively) and multiplied by ``torch.matmul``.
-
-The module name carries no "native": ``tests/ops/test_ops_lazy_imports.py`` flags any ``gqsa`` module whose
-name contains it, and this module is imported (to register the kernels) by ``gqsa.ops``.
+Every kept group is dequantized once per call (``s * (q - z)`` in float32, the reference's weight bit for bit)
+and used for all M rows of x. Above ``native_batch_limit`` rows the weight is dequantized densely (natively) and
+multiplied by ``torch.matmul``. No module name under ``gqsa`` contains "native"
+(``tests/ops/test_ops_lazy_imports.py``).
 """
 
 from __future__ import annotations
@@ -50,10 +40,9 @@ MODE_TASK, MODE_ROWS = 0, 1
 # environment sets GQSA_CPU_AVX512=1 (opt-in: not yet measured on such a CPU). ISA_AVX2: never AVX-512.
 # ISA_AVX512: the AVX-512 path wherever the CPU has it (tests).
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
-# Above this many rows of x: dense float32 weight (native dequantization) + torch.matmul; see native_batch_limit.
-# Measured (gqsa 90c6420, one thread, thread CPU time, W4 g16 50% kept): on 4096 x 4096 the native kernel wins up
-# to M = 96 (78 against 87 ms) and loses at 128 (106 against 99 ms), most of the dense path's fixed cost being the
-# fresh 64 MiB weight; on 576 x 576 and 1536 x 576 (SmolLM2) it wins at 32 and loses from 64 on.
+# Above this many rows of x the dense path wins: dense float32 weight (native dequantization) + torch.matmul; see
+# native_batch_limit. Large weights (LARGE_WEIGHT) keep the native kernel longer, the dense path's fixed cost
+# being the fresh float32 weight. The crossover measurements: docs/RESULTS.md, "Measurements behind code constants".
 MAX_NATIVE_BATCH = 96
 SMALL_WEIGHT_NATIVE_BATCH = 40
 LARGE_WEIGHT = 1 << 24  # weights with at least this many entries (4096 x 4096) use MAX_NATIVE_BATCH
@@ -86,6 +75,13 @@ def isa() -> str:
     "scalar"), or "unavailable"."""
     ext = _extension()
     return ext.isa() if ext is not None else "unavailable"
+
+
+def a8_isa() -> str:
+    """Instruction set of ``cpu-a8`` here for 4-bit group-16 weights ("avx512-vnni" where the CPU has AVX-512 VNNI,
+    "avx2" or "scalar"), or "unavailable"."""
+    ext = _extension()
+    return ext.a8_isa() if ext is not None else "unavailable"
 
 
 def avx512_supported() -> bool:
@@ -272,10 +268,10 @@ def linear_small_batch(
 
 
 def prepare_native(mode, crow_indices, col_indices, values, scale, zero_point, bias, out_features, in_features,
-                   group_size, bits) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A lean closure around the native CPU kernel in ``mode``.
+                   group_size, bits, act8: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A lean closure around the native CPU kernel in ``mode`` (``act8``: int8 activations, as ``cpu-a8``).
 
-    The kernel contract's ``prepare`` of ``cpu`` and ``cpu-rowsplit`` (gqsa.ops.backends). It ends in the call
+    The kernel contract's ``prepare`` of ``cpu``, ``cpu-rowsplit`` and ``cpu-a8`` (gqsa.ops.backends). It ends in the call
     ``native_linear`` ends in (``linear_small_batch``; above ``native_batch_limit``
     rows ``native_linear`` itself), with the pointers and the float32 bias prepared once.
     """
@@ -296,9 +292,9 @@ def prepare_native(mode, crow_indices, col_indices, values, scale, zero_point, b
             check_x(x, k, bias_dtype, cpu_device)
         m = x.numel() // k
         if m > limit or m == 0:
-            return native_linear(x, *weight, mode=mode)
+            return native_linear(x, *weight, mode=mode, act8=act8)
         return linear_small_batch(x, problem, nnz, out_features, in_features, group_size, bits, mode,
-                                  bias32=bias32)
+                                  act8=act8, bias32=bias32)
 
     return run
 
@@ -323,7 +319,7 @@ CPU_ROWSPLIT_KERNEL = Kernel(
 )
 # int8 activations (approximate: never chosen by "auto"; ask for backend="cpu-a8")
 CPU_A8_KERNEL = Kernel(name="cpu-a8", device_types=frozenset({"cpu"}), fn=_a8_linear, available=available,
-                       priority=1, exact=False)
+                       priority=1, exact=False, prepare=functools.partial(prepare_native, MODE_TASK, act8=True))
 register_kernel(CPU_KERNEL)
 register_kernel(CPU_ROWSPLIT_KERNEL)
 register_kernel(CPU_A8_KERNEL)

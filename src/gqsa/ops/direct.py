@@ -1,14 +1,14 @@
 """Direct kernel calls bound to one packed weight: the inference fast path beside ``torch.ops.gqsa.linear``.
 
-A call of the registered op pays for the dispatcher, the argument checks and the backend lookup on every call:
-measured at 576x576, batch 1, one thread, about 0.1 ms per call on top of a 0.05 ms kernel, which is most of a
-small model's decode step. :func:`bind_linear` does that work once for a weight and returns a function of ``x``
-alone that calls the same kernel with the same arguments, so its result is bit for bit the op's.
+A call of the registered op pays for the dispatcher, the argument checks and the backend lookup on every call,
+more than a small layer's kernel itself (docs/RESULTS.md, "CPU kernel"). :func:`bind_linear` does that work once
+for a weight and returns a function of ``x`` alone that calls the same kernel with the same arguments, so its
+result is bit for bit the op's.
 
-The op stays the public path and the oracle: ``GQSALinear`` uses a bound function only where no autograd, no
-tracing and no tensor subclass is involved (see ``GQSALinear.forward``); everything else calls the op. For
+The op stays the public path and the oracle: ``PackedLinear`` uses a bound function only where no autograd, no
+tracing and no tensor subclass is involved (see ``PackedLinear.forward``); everything else calls the op. For
 graphs that ``torch.compile`` traces for inference, ``gqsa::linear_direct`` is the same native call as an op whose
-checks run once, at trace time (internal; its only caller is ``GQSALinear``).
+checks run once, at trace time (internal; its only caller is ``PackedLinear``).
 
 Binding goes through the kernel contract (``Kernel.prepare``, gqsa.ops.backends): a backend with a layout builds it
 here, once. The native CPU kernels' ``prepare`` (gqsa.ops.cpu.prepare_native) computes ``problem_args`` once and
@@ -135,7 +135,7 @@ def linear_direct(
 ) -> torch.Tensor:
     """Internal: ``gqsa::linear`` on the native CPU kernel in ``mode``, without per-call checks or backend lookup.
 
-    For graphs compiled for inference (``GQSALinear`` under ``torch.compile`` once it has been bound to a native
+    For graphs compiled for inference (``PackedLinear`` under ``torch.compile`` once it has been bound to a native
     backend): the checks run once, when the graph is traced, in the fake implementation. Arguments as
     ``torch.ops.gqsa.linear`` (all on the CPU, packed tensors contiguous); no autograd. Not a public entry point.
     """

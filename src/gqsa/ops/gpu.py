@@ -43,8 +43,8 @@ ROWS_PER_BLOCK = 4  # rows the decode kernel reduces together
 DECODE_CODES = 512  # codes per row and step of the decode kernel: BLOCK_G = DECODE_CODES // group_size
 PREFILL_BLOCK_N = 64
 # From this many rows of x: the dense weight in x's dtype (``dequantize_kernel``, a transient N x K buffer) and
-# cuBLAS. Below it, the tl.dot prefill kernel, which measured about 9x slower than cuBLAS fp16 at M = 128 on an
-# H200 (MEASURED-H200.md section 2). Not yet measured against it; benchmarks/gpu_check.sh's end-to-end step
+# cuBLAS, which beats the tl.dot prefill kernel used below it at prefill sizes (docs/RESULTS.md, "Measurements
+# behind code constants"). The crossover itself is not yet measured; benchmarks/gpu_check.sh's end-to-end step
 # times the prefill.
 PREFILL_DENSE_MIN_M = 64
 DEQUANT_BLOCK_R = 16

@@ -15,7 +15,7 @@ has measured it faster than the ``triton`` default (``benchmarks/gpu_check.sh``)
 
 The op path (``torch.ops.gqsa.linear(..., backend="triton-a8")``) keeps each weight's layout while its packed
 tensors live unchanged (``gqsa.ops.tensor_cache``);
-``bind_linear`` and ``GQSALinear`` prepare once through ``Kernel.prepare``. The layout is a second copy of the
+``bind_linear`` and ``PackedLinear`` prepare once through ``Kernel.prepare``. The layout is a second copy of the
 weight on the device (12 bytes per kept W4 g16 group) beside the packed buffers.
 """
 
@@ -38,8 +38,8 @@ A8_MAX_M = 16  # above: the exact prefill kernel
 MAX_BLOCK_S = 128  # slots per step of a program, at most
 ELEMENTS_PER_THREAD = 16  # of the (BLOCK_M, rows, BLOCK_S) step tile: no spills at sm_90 (test_ops_triton_a8)
 QUANT_BLOCK = 64  # activation groups per program of the quantization kernel
-# Measured with the prototype on an H200 (MEASURED-H200.md section 6, round 4): 2 rows x 128 slots and one warp
-# for in_features 4096, one row and 4 warps for 11008.
+# Rows per slice: 2 up to this many inputs, 1 above (the tuning behind it: docs/RESULTS.md, "Measurements behind
+# code constants").
 WIDE_INPUT = 8192
 
 

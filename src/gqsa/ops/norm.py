@@ -1,11 +1,11 @@
 """RMSNorm with an optional residual add in one native call, for the decode step.
 
-At batch 1 a norm is a few hundred floats, and ``torch.nn.functional.rms_norm`` costs about 14 us on this CPU
-(several small aten calls), where the arithmetic takes well under one: the fused decode step
-(``gqsa.engine.fused``) makes two norms and two residual adds per block. :func:`add_rms_norm` does the add and
-the norm in one call of the native extension (csrc/kernel_scalar.c ``add_rms_norm``) for float32 CPU tensors: 7 us
-with the add on 576 floats, against 16 us for the add and ``F.rms_norm``. Elsewhere (other dtypes or devices,
-the extension not built, or under ``torch.compile``, which can trace and fuse the torch ops) it runs in torch.
+At batch 1 a norm is a few hundred floats: ``torch.nn.functional.rms_norm``'s several small aten calls cost far
+more than the arithmetic, and the fused decode step (``gqsa.engine.fused``) makes two norms and two residual
+adds per block. :func:`add_rms_norm` does the add and the norm in one call of the native extension
+(csrc/kernel_scalar.c ``add_rms_norm``) for float32 CPU tensors (timings: docs/RESULTS.md, "Measurements behind
+code constants"). Elsewhere (other dtypes or devices, the extension not built, or under ``torch.compile``, which
+can trace and fuse the torch ops) it runs in torch.
 Both give transformers' LlamaRMSNorm, ``weight * (x * rsqrt(mean(x^2) + eps))``, up to float32 rounding.
 """
 

@@ -1,31 +1,23 @@
 """Triton kernels for ``gqsa::linear`` on the packed format (docs/FORMAT.md); launched by gqsa.ops.gpu.
 
-This module imports triton at the top and is itself imported only lazily, on the first Triton call. Under
-``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors through Triton's
-interpreter; that is how CI checks them against the reference op without a GPU.
+Imports triton at the top, so it is itself imported only lazily, on the first Triton call. Under
+``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors through Triton's
+interpreter: that is how the tests check them against the reference op without a GPU.
 
-Both kernels dequantize a kept group exactly as the reference does, ``(code - zero_point) * scale`` in float32,
-then round it to x's dtype, so their weights equal ``dequantize_bsr(..., dtype=x.dtype)`` bit for bit; only the
-order of the float32 accumulation differs from the reference's matmul.
+Every kernel dequantizes a kept group as the reference does, ``(code - zero_point) * scale`` in float32, then
+rounds it to x's dtype: their weights equal ``dequantize_bsr(..., dtype=x.dtype)`` bit for bit; only the order
+of the float32 accumulation differs from the reference's matmul.
 
-``decode_kernel`` (M <= 16 rows of x): each program takes a range of kept groups.
-
-* Task-centric (``TASK=True``, the default): the nnz kept groups are cut into P equal ranges whatever the rows,
-  so every program unpacks the same number of groups even when rows keep very different numbers of them. A
-  program finds its first and last row by a FAN-ary search in ``crow_indices``. Rows wholly inside its range are
-  written directly. A row cut by a range boundary is shared by consecutive programs: each stores its partial sums
-  in its own slot (slot 0 for its first row, 1 for its last), then increments the row's arrival counter; the last
-  to arrive adds every slot of the row in program order, writes the row and resets the counter. The result does
-  not depend on which program finishes last, so it is deterministic, and no program ever waits for another.
-* Row split (``TASK=False``, data-centric, for comparison): program p takes rows [p*N/P, (p+1)*N/P).
-
-``dequantize_kernel`` (long prompts, M >= ``PREFILL_DENSE_MIN_M`` in gqsa.ops.gpu): the dense weight in x's dtype,
-for ``torch.nn.functional.linear`` (cuBLAS) to multiply.
-
-``prefill_kernel`` (larger M): one program per (BLOCK_M x BLOCK_N) output tile walks the column groups in steps of
-GPS groups. A (rows, column groups) map of kept-group positions, built per call (``group_positions`` in
-gqsa.ops.gpu), tells it where each group is; a step gathers the kept groups (zeros for pruned ones) into a dense
-(GPS * group_size, BLOCK_N) tile in x's dtype and feeds it with the matching x tile to ``tl.dot`` (tensor cores).
+* ``decode_kernel`` (M <= 16 rows of x), task-centric (``TASK=True``, default): the nnz kept groups cut into P
+  equal ranges whatever the rows; a program finds its first and last row by a FAN-ary search in
+  ``crow_indices``. A row cut by a range boundary: each program stores its partial sums in its own slot, the
+  last to arrive (per-row counter) adds the slots in program order, writes the row and resets the counter, so
+  the result is deterministic and no program waits. ``TASK=False``: program p takes rows [p*N/P, (p+1)*N/P).
+* ``dequantize_kernel`` (M >= ``PREFILL_DENSE_MIN_M`` in gqsa.ops.gpu): the dense weight in x's dtype, for
+  cuBLAS (``torch.nn.functional.linear``).
+* ``prefill_kernel`` (M in between): one program per (BLOCK_M x BLOCK_N) output tile gathers GPS kept groups per
+  step (zeros for pruned ones, positions from ``group_positions`` in gqsa.ops.gpu) into a dense tile for
+  ``tl.dot``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 
 from gqsa.quant.groups import to_groups
 
-SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")
+GROUP_SALIENCIES = ("obs", "obs_diag", "wanda", "magnitude")  # the scores above; gqsa.config.SALIENCIES adds one
 
 
 def obs_scores(w_groups: torch.Tensor, hinv_blocks: torch.Tensor) -> torch.Tensor:
@@ -64,4 +64,4 @@ def group_saliency(
             raise ValueError(f"saliency {kind!r} needs the inverse Hessian")
         fn = obs_group_saliency if kind == "obs" else obs_diag_group_saliency
         return fn(weight, hinv, group_size)
-    raise ValueError(f"unknown saliency {kind!r}; expected one of {SALIENCIES}")
+    raise ValueError(f"unknown saliency {kind!r}; expected one of {GROUP_SALIENCIES}")

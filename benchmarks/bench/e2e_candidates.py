@@ -1,4 +1,4 @@
-"""The candidates of ``gqsa bench e2e`` (see ``gqsa.bench.e2e`` for what each one is): their names, what a worker
+"""The candidates of ``gqsa bench e2e`` (see e2e.py for what each one is): their names, what a worker
 loads for one, and one generation through its loop, timed token by token."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gqsa.bench.e2e_clock import TokenClock
+from benchmarks.bench.e2e_clock import TokenClock
 
 CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "fp32-engine-hfstep", "gqsa-hf", "gqsa-op",
-              "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8", "gqsa-lm4-emb4", "gqsa-lm8-emb8")
+              "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8", "gqsa-lm4-emb4", "gqsa-lm8-emb8",
+              "gqsa-a8", "gqsa-lm8-a8", "llama.cpp")
+LLAMA_CPP_CONTEXT = 4096  # tokens of llama.cpp's context: prompt + new tokens must fit
 DEFAULT_CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "gqsa")
 
 
@@ -27,6 +29,8 @@ class CandidateSpec:
 
     @property
     def loop(self) -> str:
+        if self.name == "llama.cpp":
+            return "llama.cpp"
         return "transformers" if self.name.endswith("-hf") else "gqsa"
 
     @property
@@ -43,14 +47,16 @@ def load_candidate(spec: CandidateSpec) -> tuple[nn.Module, str]:
     from gqsa.models.loading import load_model
 
     name = spec.name
+    if name == "llama.cpp":
+        return LlamaCpp(spec), "llama.cpp (llama-cpp-python), the GGUF's own quantization"
     if name.startswith("gqsa"):
         model, _ = gqsa.load(spec.checkpoint)
-        backend = use_fastest_backend(model)
+        backend = use_fastest_backend(model, "cpu-a8" if name.endswith("-a8") else "auto")
         if name == "gqsa-op":
-            from gqsa.nn import GQSALinear
+            from gqsa.nn import PackedLinear
 
             for m in model.modules():
-                if isinstance(m, GQSALinear):
+                if isinstance(m, PackedLinear):
                     m.fast_path = False
             backend += " (op)"
         return model.eval(), backend
@@ -73,11 +79,54 @@ def load_candidate(spec: CandidateSpec) -> tuple[nn.Module, str]:
     return model.eval(), f"torch dense {str(dtype).removeprefix('torch.')}"
 
 
-def run_once(model: nn.Module, spec: CandidateSpec, prompt: torch.Tensor, new_tokens: int) -> dict:
+class LlamaCpp:
+    """The ``llama.cpp`` candidate: the dense model's own GGUF file (the default model's Q4_1 file) through
+    llama-cpp-python (an optional benchmark dependency), with the worker's thread count, greedy decoding."""
+
+    def __init__(self, spec: CandidateSpec) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise RuntimeError("llama-cpp-python is not installed (an optional benchmark dependency: "
+                               "pip install llama-cpp-python)") from exc
+        if spec.dense is None:
+            from gqsa.models.loading import default_model_path
+
+            path = default_model_path()
+        else:
+            path = Path(spec.dense)
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ValueError(f"llama.cpp runs a GGUF file; the dense model is {path}")
+        self.path = path
+        self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, n_threads=spec.threads,
+                         n_threads_batch=spec.threads, n_batch=512, seed=0, verbose=False)
+
+    def model_bytes(self) -> tuple[int, int]:
+        """(bytes of the GGUF file, the same: its tensors are what a step reads, the input embedding aside)."""
+        size = self.path.stat().st_size
+        return size, size
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int, clock: TokenClock) -> None:
+        """Exactly ``new_tokens`` greedy tokens after ``prompt`` (1, T), each timestamped by ``clock``."""
+        tokens = prompt[0].tolist()
+        if len(tokens) + new_tokens > LLAMA_CPP_CONTEXT:
+            raise ValueError(f"prompt + new tokens ({len(tokens) + new_tokens}) exceed llama.cpp's context of "
+                             f"{LLAMA_CPP_CONTEXT} tokens")
+        clock.put(prompt)  # the prompt goes in
+        for i, _ in enumerate(self.llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True)):
+            clock.put(1)
+            if i + 1 == new_tokens:
+                break
+
+
+def run_once(model, spec: CandidateSpec, prompt: torch.Tensor, new_tokens: int) -> dict:
     """Generate exactly ``new_tokens`` tokens after ``prompt`` (1, T); the TokenClock's measurements."""
     from gqsa.engine import GenerationSpec, generate
 
     clock = TokenClock()
+    if spec.loop == "llama.cpp":
+        model.generate(prompt, new_tokens, clock)
+        return clock.result(prompt.shape[1]) | {"step": "llama.cpp eval"}
     if spec.loop == "transformers":
         with torch.inference_mode():
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,

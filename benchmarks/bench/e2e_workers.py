@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gqsa.bench.e2e_candidates import CandidateSpec, load_candidate, run_once
-from gqsa.bench.e2e_memory import model_bytes, peak_rss_mb, rss_mb
-from gqsa.bench.e2e_profile import decode_profile
+from benchmarks.bench.e2e_candidates import CandidateSpec, load_candidate, run_once
+from benchmarks.bench.e2e_memory import model_bytes, peak_rss_mb, rss_mb
+from benchmarks.bench.e2e_profile import decode_profile
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,15 @@ def _worker(conn, spec: CandidateSpec) -> None:
         base = rss_mb()
         start = time.perf_counter()
         model, backend = load_candidate(spec)
-        total, streamed = model_bytes(model)
+        total, streamed = model.model_bytes() if spec.loop == "llama.cpp" else model_bytes(model)
         conn.send(("ready", {"backend": backend, "load_s": time.perf_counter() - start, "base_rss_mb": base,
                              "model_bytes": total, "streamed_bytes": streamed, "loaded_rss_mb": rss_mb()}))
         while True:
             message = conn.recv()
             if message[0] == "run":
                 conn.send(("ok", run_once(model, spec, message[1], message[2])))
+            elif message[0] == "profile" and spec.loop == "llama.cpp":
+                conn.send(("ok", None))  # llama.cpp's step is not ours to take apart
             elif message[0] == "profile":
                 fused = spec.fused if spec.loop == "gqsa" else False  # transformers' loop: its own forward's parts
                 conn.send(("ok", decode_profile(model, message[1], message[2], fused)))
@@ -121,4 +123,5 @@ def measure(workers: list[Worker], prompts: list[torch.Tensor], args: argparse.N
         for w in workers:  # round robin: one generation of every candidate per repeat
             w.runs.append(w.ask("run", prompt, args.new_tokens))
     profiles = {w.spec.name: w.ask("profile", prompts[0], args.profile) for w in workers} if args.profile else {}
+    profiles = {name: p for name, p in profiles.items() if p is not None}
     return profiles, {w.spec.name: w.ask("stop") for w in workers}

@@ -1,14 +1,17 @@
 """Kernel benchmark: ``gqsa::linear`` against torch's dense, quantized and sparse linears, on CPU or on CUDA.
 
-    python -m gqsa.bench.kernel --shapes default-model --batch 1,4,16 --sparsity 0.5 --bits 4 --group-size 16 \
+    gqsa bench kernel --shapes default-model --batch 1,4,16 --sparsity 0.5 --bits 4 --group-size 16 \
         --repeats 20 --json out.json --markdown out.md
-    python -m gqsa.bench.kernel --device cuda --shapes 7b,13b --batch 1,4,16 --sparsity 0.3,0.5,0.7 \
+    gqsa bench kernel --device cuda --shapes 7b,13b --batch 1,4,16 --sparsity 0.3,0.5,0.7 \
         --json out.json --markdown out.md
+
+(from a source checkout: ``gqsa bench`` runs this file from the repository's benchmarks/ directory; without the
+``gqsa`` command, ``PYTHONPATH=src python -m benchmarks.bench.kernel ...`` from the repository root does the same).
 
 On CPU (the default) the candidates are torch's fp32 and bf16 linears, its dynamic int8 linear, its int4 CPU
 kernel and the native "cpu", "cpu-rowsplit" and "cpu-a8" backends of ``gqsa::linear``. ``--device cuda`` measures
 the Triton backends against cuBLAS, torch's int4 kernel, 2:4 semi-structured sparsity and dense W2: see
-gqsa.bench.kernel_cuda.
+kernel_cuda.py (the run and its report), kernel_cuda_candidates.py and kernel_cuda_timing.py.
 
 Candidates are interleaved (round robin inside each repeat) and run on cold weights: every candidate cycles
 through enough copies of its weight to exceed the last-level cache (``--cold-mib``: 64 MiB on CPU; on CUDA four
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gqsa.bench.kernel_common import (
+from benchmarks.bench.kernel_common import (
     Candidate,
     copies_needed,
     DEVICE_DEFAULTS,
@@ -231,7 +234,7 @@ def _shape_names(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gqsa.bench.kernel", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="gqsa bench kernel", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
     p.add_argument("--shapes", type=_shape_names, default="default-model",
                    help=f"comma-separated names among {', '.join(sorted(SHAPES))}")
@@ -264,7 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda":
-        from gqsa.bench import kernel_cuda
+        from benchmarks.bench import kernel_cuda
 
         try:
             return kernel_cuda.main(args)

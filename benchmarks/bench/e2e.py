@@ -17,6 +17,11 @@ Candidates:
   LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.packing.pack_lm_head``, saved here before the
   workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: the same with the input embedding table stored packed
   too, at the same width (``gqsa.models.packing.pack_embedding``: less memory, loading builds no dense table).
+* ``gqsa-a8``, ``gqsa-lm8-a8``: ``gqsa`` and ``gqsa-lm8`` with the int8-activation kernel (backend ``cpu-a8``:
+  x quantized per 16 inputs, integer dot products, AVX-512 VNNI where the CPU has it; approximate).
+* ``llama.cpp``: the dense model's own GGUF file (the default model: its Q4_1 file) through llama-cpp-python, an
+  optional dependency (``pip install llama-cpp-python``; the candidate is skipped with a note without it), greedy,
+  with the same threads: what a CPU user runs instead.
 * ablations: ``fp32-engine`` (the dense model through gqsa's loop: what the loop alone gives), ``gqsa-hfstep`` and
   ``fp32-engine-hfstep`` (gqsa's loop, but every step through the model's own forward and transformers'
   ``StaticCache``: what the fused step gains), ``gqsa-hf`` (the compressed model through transformers'
@@ -61,12 +66,12 @@ from pathlib import Path
 
 import torch
 
-from gqsa.bench.e2e_candidates import CANDIDATES, DEFAULT_CANDIDATES, CandidateSpec
-from gqsa.bench.e2e_clock import TokenClock
-from gqsa.bench.e2e_memory import model_bytes
-from gqsa.bench.e2e_models import SHAPES_7B, resolve_models, vocab_size, with_packed_lm_head
-from gqsa.bench.e2e_report import add_ratios, summarize, write_outputs
-from gqsa.bench.e2e_workers import measure, started
+from benchmarks.bench.e2e_candidates import CANDIDATES, DEFAULT_CANDIDATES, CandidateSpec
+from benchmarks.bench.e2e_clock import TokenClock
+from benchmarks.bench.e2e_memory import model_bytes
+from benchmarks.bench.e2e_models import SHAPES_7B, resolve_models, vocab_size, with_packed_lm_head
+from benchmarks.bench.e2e_report import add_ratios, summarize, write_outputs
+from benchmarks.bench.e2e_workers import measure, started
 
 # what other scripts import from here (benchmarks/gpu_e2e.py: the 7B shapes, the token clock, the model's bytes)
 __all__ = ["SHAPES_7B", "TokenClock", "main", "model_bytes", "parse_args"]
@@ -121,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqsa.bench.kernel import dram_read_gb_per_s, machine_info
+    from benchmarks.bench.kernel import dram_read_gb_per_s, machine_info
 
     args = parse_args(argv)
     threads = args.threads or torch.get_num_threads()
@@ -130,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         dense, checkpoint, label = resolve_models(args, Path(scratch))
         checkpoints = {name: with_packed_lm_head(checkpoint, bits, Path(scratch), embedding)
                        for bits in (4, 8) for embedding in (False, True)
-                       if (name := f"gqsa-lm{bits}" + (f"-emb{bits}" if embedding else "")) in args.candidates}
+                       if (name := f"gqsa-lm{bits}" + (f"-emb{bits}" if embedding else "")) in args.candidates
+                       or f"{name}-a8" in args.candidates}
+        checkpoints |= {f"{name}-a8": path for name, path in checkpoints.items()}
         specs = [CandidateSpec(name, dense, checkpoints.get(name, checkpoint), threads) for name in args.candidates]
         with started(specs, notes) as workers:
             bandwidth = dram_read_gb_per_s()

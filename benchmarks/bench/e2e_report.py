@@ -7,9 +7,9 @@ import argparse
 import math
 import statistics
 
-from gqsa.bench.e2e_profile import PROFILE_METHOD
-from gqsa.bench.e2e_workers import Worker
-from gqsa.bench.kernel_common import MIB
+from benchmarks.bench.e2e_profile import PROFILE_METHOD
+from benchmarks.bench.e2e_workers import Worker
+from benchmarks.bench.kernel_common import MIB
 from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_write_text
 

@@ -1,4 +1,4 @@
-"""What the CPU and CUDA kernel benchmarks share (gqsa.bench.kernel, gqsa.bench.kernel_cuda): shapes, the
+"""What the CPU and CUDA kernel benchmarks share (kernel.py, kernel_cuda*.py): shapes, the
 candidate record, cold weight copies, interleaved timing, result rows and tables, and the outputs' writing; and
 what every benchmark script shares (benchmarks/*.py): the git revision, the machine line, the results JSON and
 the splicing of a generated block into a markdown document.

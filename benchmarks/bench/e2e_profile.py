@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from gqsa.bench.e2e_memory import is_dynamic_int8
+from benchmarks.bench.e2e_memory import is_dynamic_int8
 
 PROFILE_METHOD = ("model forward step: forward hooks on its modules; fused step: its linear and LM head calls timed, "
                   "the rest by difference")

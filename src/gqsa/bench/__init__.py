@@ -1,1 +1,0 @@
-"""Benchmarks that need the package's internals (run as ``python -m gqsa.bench.kernel``)."""
