@@ -85,13 +85,13 @@ int use_avx512(int isa) {
     return optin != NULL && strcmp(optin, "1") == 0;
 }
 
-/* The AVX-512 tiles of 4-bit group-16 weights for M >= 2 (fused_q4g16_avx512): as use_avx512 for now. */
+/*
+ * The AVX-512 tiles of 4-bit group-16 weights for M >= 2 (fused_q4g16_avx512): wherever the CPU has AVX-512F,
+ * unless isa asks for AVX2 or scalar code (measured faster than the AVX2 tiles at batch 4 and 16 on an AVX-512
+ * Xeon, docs/RESULTS.md; the batch-1 AVX-512 path measured slower there and stays opt-in, use_avx512).
+ */
 int use_avx512_tiles(int isa) {
-#ifdef GQSA_EXP_TILES
     return isa != ISA_SCALAR && isa != ISA_AVX2 && avx512_supported();
-#else
-    return use_avx512(isa);
-#endif
 }
 
 /* Whether the CPU has what the VNNI int8-activation path needs (AVX-512F/BW/VL/DQ and VNNI besides AVX2). */

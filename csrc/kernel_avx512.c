@@ -1,7 +1,8 @@
 /*
- * AVX-512F kernel of linear: the batch-1 4-bit group-16 path (run_range_b1_avx512), the AVX-512 twin of
- * run_range_b1 in kernel_avx2.c. Compiled for that target by GQSA_AVX512; driver.c uses it only where the CPU has
- * AVX-512F and it is asked for (use_avx512: GQSA_CPU_AVX512=1, or ISA_AVX512).
+ * AVX-512F kernels of linear for 4-bit group-16 weights: the batch-1 path (run_range_b1_avx512, the twin of
+ * run_range_b1 in kernel_avx2.c; used where asked for: use_avx512, GQSA_CPU_AVX512=1 or ISA_AVX512) and the tiles
+ * of M >= 2 rows of x (fused_q4g16_avx512; used wherever the CPU has AVX-512F: use_avx512_tiles). Compiled for
+ * that target by GQSA_AVX512.
  */
 #include "gqsa_cpu.h"
 

@@ -147,9 +147,10 @@ def test_scalar_fallback_path(bits, m):
 
 @pytest.mark.parametrize("isa", [cpu_kernels.ISA_AVX2, cpu_kernels.ISA_AVX512])
 def test_every_instruction_set_computes_the_same(isa, threads):
-    """The AVX-512 batch-1 path (where the CPU has AVX-512F; ISA_AVX512 takes it whatever GQSA_CPU_AVX512 says)
-    and the AVX2 one, on W4 g16 (the format with a batch-1 path): odd and even first entries, rows cut between
-    threads, empty rows, symmetric and asymmetric."""
+    """The AVX-512 paths (where the CPU has AVX-512F; ISA_AVX512 takes the batch-1 one whatever GQSA_CPU_AVX512
+    says, and the tiles of 2-8 rows of x) and the AVX2 ones, on W4 g16 (the format with these paths): odd and even
+    first entries, rows cut between threads, empty rows, symmetric and asymmetric, batch 1, 2, 5 and 9 (a full
+    tile of 8 and one row more)."""
     if isa == cpu_kernels.ISA_AVX512 and not cpu_kernels.avx512_supported():
         pytest.skip("this CPU has no AVX-512F")
     for symmetric in (False, True):
@@ -158,8 +159,9 @@ def test_every_instruction_set_computes_the_same(isa, threads):
             tensors = [getattr(p, name) for name in ("crow_indices", "col_indices", "values", "scale", "zero_point")]
             for t in (1, 2, 3):
                 threads(t)
-                for mode in (cpu_kernels.MODE_TASK, cpu_kernels.MODE_ROWS):
-                    x = _x(1, p.in_features, seed=t)
+                for mode, m in ((cpu_kernels.MODE_TASK, 1), (cpu_kernels.MODE_ROWS, 1), (cpu_kernels.MODE_TASK, 2),
+                                (cpu_kernels.MODE_TASK, 5), (cpu_kernels.MODE_ROWS, 9)):
+                    x = _x(m, p.in_features, seed=t)
                     got = cpu_kernels.native_linear(x, *tensors, None, p.out_features, p.in_features, 16, 4,
                                                     mode=mode, isa_=isa)
                     torch.testing.assert_close(got, packed_linear(x, p, backend="reference"), **TOL[torch.float32])
