@@ -15,6 +15,9 @@ CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "fp32-engi
               "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8", "gqsa-lm4-emb4", "gqsa-lm8-emb8",
               "gqsa-a8", "gqsa-lm8-a8", "llama.cpp")
 LLAMA_CPP_CONTEXT = 4096  # tokens of llama.cpp's context: prompt + new tokens must fit
+# llama.cpp's extra buffer types (AMX, weight repacking) off: with them, llama-cpp-python 0.3.36 built natively
+# on an AMX Xeon died in ggml_backend_amx_mul_mat (SIGSEGV) on its first forward of this Q4_1 model.
+LLAMA_CPP_EXTRA_BUFFERS = False
 DEFAULT_CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "gqsa")
 
 
@@ -98,8 +101,21 @@ class LlamaCpp:
         if path.suffix != ".gguf" or not path.is_file():
             raise ValueError(f"llama.cpp runs a GGUF file; the dense model is {path}")
         self.path = path
-        self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, n_threads=spec.threads,
-                         n_threads_batch=spec.threads, n_batch=512, seed=0, verbose=False)
+        import llama_cpp.llama_cpp as low_level
+
+        defaults = low_level.llama_model_default_params
+
+        def model_params():  # llama-cpp-python's Llama() does not expose use_extra_bufts
+            params = defaults()
+            params.use_extra_bufts = LLAMA_CPP_EXTRA_BUFFERS
+            return params
+
+        low_level.llama_model_default_params = model_params
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_CONTEXT, n_threads=spec.threads,
+                             n_threads_batch=spec.threads, n_batch=512, seed=0, verbose=False)
+        finally:
+            low_level.llama_model_default_params = defaults
 
     def model_bytes(self) -> tuple[int, int]:
         """(bytes of the GGUF file, the same: its tensors are what a step reads, the input embedding aside)."""

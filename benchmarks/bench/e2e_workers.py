@@ -68,7 +68,12 @@ class Worker:
 
     def ask(self, *message):
         self.conn.send(message)
-        status, payload = self.conn.recv()
+        try:
+            status, payload = self.conn.recv()
+        except EOFError as exc:
+            self.process.join(5)
+            raise RuntimeError(f"{self.spec.name} worker died during {message[0]!r} (exit code "
+                               f"{self.process.exitcode})") from exc
         if status == "error":
             raise RuntimeError(f"{self.spec.name} worker failed:\n{payload}")
         return payload

@@ -130,14 +130,20 @@ def test_llama_cpp_candidate_generates_exactly_the_tokens_asked_with_the_threads
 
     class FakeLlama:
         def __init__(self, model_path, **kw):
-            seen.update(kw, model_path=model_path)
+            seen.update(kw, model_path=model_path,
+                        extra_bufts=sys.modules["llama_cpp.llama_cpp"].llama_model_default_params().use_extra_bufts)
 
         def generate(self, tokens, **kw):
             seen["tokens"], seen["sampling"] = tokens, kw
             while True:
                 yield 7
 
-    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    class Params:
+        use_extra_bufts = True
+
+    low_level = types.SimpleNamespace(llama_model_default_params=Params)
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama, llama_cpp=low_level))
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", low_level)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
     spec = CandidateSpec("llama.cpp", str(gguf), None, threads=3)
@@ -147,5 +153,6 @@ def test_llama_cpp_candidate_generates_exactly_the_tokens_asked_with_the_threads
     assert result["new_tokens"] == 5 and result["step"] == "llama.cpp eval" and result["decode_tok_s"] > 0
     assert seen["model_path"] == str(gguf) and seen["n_threads"] == seen["n_threads_batch"] == 3
     assert seen["tokens"] == [5, 6, 7, 8] and seen["sampling"]["temp"] == 0.0
+    assert seen["extra_bufts"] is False and sys.modules["llama_cpp.llama_cpp"].llama_model_default_params is Params
     with pytest.raises(ValueError, match="llama.cpp runs a GGUF file"):
         load_candidate(CandidateSpec("llama.cpp", str(tmp_path), None, threads=1))
