@@ -28,8 +28,9 @@ def int8_activation_hooks(model) -> int:
     from gqsa.quant.int8_activations import dequantize_activations, quantize_activations
 
     def hook(module, args):
-        x = args[0]
-        return (dequantize_activations(*quantize_activations(x.float())).to(x.dtype), *args[1:])
+        x = args[0]  # (..., in_features)
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (M, in_features)
+        return (dequantize_activations(*quantize_activations(x2)).reshape(x.shape).to(x.dtype), *args[1:])
 
     count = 0
     for m in model.modules():

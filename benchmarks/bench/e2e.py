@@ -17,7 +17,7 @@ Candidates:
   LM head stored packed, W4/W8 g16 at sparsity 0 (``gqsa.models.packing.pack_lm_head``, saved here before the
   workers load it); ``gqsa-lm4-emb4`` / ``gqsa-lm8-emb8``: the same with the input embedding table stored packed
   too, at the same width (``gqsa.models.packing.pack_embedding``: less memory, loading builds no dense table).
-* ``gqsa-a8``, ``gqsa-lm8-a8``: ``gqsa`` and ``gqsa-lm8`` with the int8-activation kernel (backend ``cpu-a8``:
+* ``gqsa-a8``, ``gqsa-lm8-a8``, ``gqsa-lm4-a8``: ``gqsa``, ``gqsa-lm8`` and ``gqsa-lm4`` with the int8-activation kernel (backend ``cpu-a8``:
   x quantized per 16 inputs, integer dot products, AVX-512 VNNI where the CPU has it; approximate).
 * ``llama.cpp``: the dense model's own GGUF file (the default model: its Q4_1 file) through llama-cpp-python, an
   optional dependency (``pip install llama-cpp-python``; the candidate is skipped with a note without it), greedy,

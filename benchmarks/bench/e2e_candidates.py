@@ -13,7 +13,7 @@ from benchmarks.bench.e2e_clock import TokenClock
 
 CANDIDATES = ("fp32-hf", "bf16-hf", "int8-dynamic-hf", "fp32-engine", "fp32-engine-hfstep", "gqsa-hf", "gqsa-op",
               "gqsa-hfstep", "gqsa", "gqsa-compile", "gqsa-lm4", "gqsa-lm8", "gqsa-lm4-emb4", "gqsa-lm8-emb8",
-              "gqsa-a8", "gqsa-lm8-a8", "llama.cpp")
+              "gqsa-a8", "gqsa-lm8-a8", "gqsa-lm4-a8", "llama.cpp")
 LLAMA_CPP_CONTEXT = 4096  # tokens of llama.cpp's context: prompt + new tokens must fit
 # llama.cpp's extra buffer types (AMX, weight repacking) off: with them, llama-cpp-python 0.3.36 built natively
 # on an AMX Xeon died in ggml_backend_amx_mul_mat (SIGSEGV) on its first forward of this Q4_1 model.
