@@ -34,6 +34,14 @@ GQSA_VNNI_INLINE __m512 zeros16_vnni(const Problem *p, int64_t e, const int n) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
 }
 
+/* The 16 int8 values of 4 column groups of a row of xr8, at byte offsets o[0..3], one per 128-bit lane. */
+GQSA_VNNI_INLINE __m512i x4_vnni(const int8_t *xr, const int64_t o[4]) {
+    __m512i xv = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)(xr + o[0])));
+    xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[1])), 1);
+    xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[2])), 2);
+    return _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[3])), 3);
+}
+
 /*
  * Entries [e, e + n) (n <= 16, all of one row) against rows m0 .. m0+mt-1 of x: acc[i] += the first term,
  * corr[i] += the second (see the top of this file), as 16 float lanes each.
@@ -70,11 +78,7 @@ GQSA_VNNI_INLINE void block_vnni(const Problem *p, int64_t e, const int n, int64
         for (int i = 0; i < 4; ++i) o[i] = i < nk ? (int64_t)col[4 * k + i] * 16 : 0;
         for (int i = 0; i < mt; ++i) {
             const int8_t *xr = p->xr8 + (m0 + i) * p->ldr8;
-            __m512i xv = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)(xr + o[0])));
-            xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[1])), 1);
-            xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[2])), 2);
-            xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(xr + o[3])), 3);
-            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x4_vnni(xr, o));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(fidx, f16[i]), acc[i]);
         }
     }
@@ -122,11 +126,7 @@ GQSA_VNNI_INLINE __m512 entries16_vnni(const Problem *p, int64_t e, const int n)
         const __m512i q = _mm512_and_si512(_mm512_srlv_epi64(_mm512_permutex2var_epi64(c0, pick, c1), shift), low);
         int64_t o[4];
         for (int l = 0; l < 4; ++l) o[l] = k + 4 * l < n ? (int64_t)col[k + 4 * l] * 16 : 0;
-        __m512i xv = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)(p->xr8 + o[0])));
-        xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(p->xr8 + o[1])), 1);
-        xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(p->xr8 + o[2])), 2);
-        xv = _mm512_inserti32x4(xv, _mm_load_si128((const __m128i *)(p->xr8 + o[3])), 3);
-        d[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
+        d[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x4_vnni(p->xr8, o));
     }
     /* lane 4L + k of the total = the 4 lanes of 128-bit lane L of d[k] summed = entry k + 4L's integer dot */
     const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
