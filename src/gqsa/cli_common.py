@@ -42,3 +42,8 @@ def resolve_device(name: str | None):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def mib_text(n: float) -> str:
+    """``n`` bytes as "12.3 MiB"."""
+    return f"{n / 2**20:.1f} MiB"

@@ -151,14 +151,15 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
         model, tokenizer = load_model(None if model_path is None else str(model_path))
     dense = model_summary(model)["model_bytes"]
     report = {"model": str(model_path or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
-    calib_ids = calibration_ids(tokenizer, config, model) if config.method != "magnitude" else None
+    calibrated = config.method != "magnitude" or (config.search.target_bpw and not config.layer_formats)
+    calib_ids = calibration_ids(tokenizer, config, model) if calibrated else None
     if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
         with on_device(model, device):
             report["ppl_before"] = _heldout(model, tokenizer, heldout)
     budget, host_budget = budgets
     report["activation_budget_bytes"] = budget
     report["host_activation_budget_bytes"] = host_budget
-    resume = resume_dir(out) if calib_ids is not None else None
+    resume = resume_dir(out) if calib_ids is not None and config.method != "magnitude" else None
     try:
         report.update(compress_model(model, config, calib_ids=calib_ids, progress=progress,
                                      activation_budget_bytes=budget, offload_dir=offload_dir,
@@ -181,6 +182,7 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
                                 "completion": generate_text(model, tokenizer, sample_prompt,
                                                             GenerationSpec(max_new_tokens=48))[0]}
     report["dense_model_bytes"] = dense
+    config = CompressConfig.from_dict(report["config"])  # with the formats --target-bpw chose
     packed = config.sparsity.pattern == "group"
     extra = {"report.json": jsonio.dumps(report, indent=1) + "\n", "compress_config.json": config.to_json() + "\n"}
     save = gqsa.save if packed else save_pruned

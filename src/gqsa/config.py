@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from gqsa.config_training import BQPOSpec, E2ESpec
 from gqsa.quant.saliency import GROUP_SALIENCIES
-from gqsa.utils.validated import FLAG, TEXT, Rule, ValidatedConfig, integer, number, one_of, power_of_two
+from gqsa.utils.validated import FLAG, TEXT, FrozenMap, Rule, ValidatedConfig, integer, number, one_of, power_of_two
 
 CONFIG_VERSION = 1
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-BQPO_TARGETS = ("dense", "compressed")  # the inputs of the dense block whose outputs BQPO trains towards
-TRAIN_DTYPES = ("float32", "bfloat16")  # what BQPO and E2E-OQP compute in (trainable parameters stay float32)
 MIN_GROUP_SIZE = 8
 MAX_GROUP_SIZE = 256
 QPARAM_METHODS = ("minmax", "mse")
@@ -177,119 +176,81 @@ class OneShotSpec(ValidatedConfig):
 
 
 @dataclass(frozen=True)
-class BQPOSpec(ValidatedConfig):
-    """Block-wise training after the one-shot step (BQPO): each block's kept weights, scales and zero points are
-    trained to make the compressed block's output on the compressed inputs match the dense block's output on
-    the dense inputs. Masks stay fixed.
+class LayerFormat(ValidatedConfig):
+    """One layer's own packed format, in place of the config's ``quant.bits``, ``quant.group_size`` and
+    ``sparsity.ratio`` for that layer (``CompressConfig.layer_formats``; written by ``--target-bpw``'s search).
 
     Attributes:
-        epochs: passes over the training windows per block; 0 turns BQPO off.
-        lr_weight: AdamW learning rate of the float weights (quantized with straight-through rounding).
-        lr_qparams: AdamW learning rate of the scales and zero points.
-        weight_decay: AdamW weight decay (weights only).
-        batch_size: windows per optimizer step (gradients accumulated one window at a time).
-        grad_clip: max global gradient norm (0 = no clipping).
-        val_windows: calibration windows held out for early stopping (taken from the end; 0 = none).
-        patience: epochs without a better held-out loss before stopping; the best state is restored.
-        seed: seed of the window order (per block: seed + block index).
-        mask_updates: times the group mask of each layer is chosen again from the trained weights, spread over
-            every epoch but the last (which trains with the mask frozen); each row keeps its number of groups
-            (``FakeQuantLinear.reselect_mask``). 0 = the one-shot mask stays. Needs at least 2 epochs.
-        targets: the dense block's outputs to match on the compressed inputs, computed on "dense" (the dense
-            model's inputs, so a block also corrects the error of the blocks before it) or on "compressed" (the
-            same compressed inputs: each block only reproduces its own dense function).
-        train_dtype: "float32", or "bfloat16" to compute the block under autocast (the trainable weights, scales
-            and zero points and the optimizer state stay float32).
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: columns per group (power of two, 8..256); must divide the layer's in_features.
+        ratio: fraction of the layer's groups pruned, in [0, 1), under the config's allocation ("row" or
+            "matrix").
     """
 
-    epochs: int = 0
-    lr_weight: float = 1e-3
-    lr_qparams: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    grad_clip: float = 1.0
-    val_windows: int = 4
-    patience: int = 1
-    seed: int = 0
-    mask_updates: int = 0
-    targets: str = "dense"
-    train_dtype: str = "float32"
+    bits: int = 4
+    group_size: int = 16
+    ratio: float = 0.0
 
     _rules: ClassVar[dict[str, Rule]] = {
-        "epochs": integer(0, 1000),
-        "lr_weight": number(0, 1.0),
-        "lr_qparams": number(0, 1.0),
-        "weight_decay": number(0, 1.0),
-        "batch_size": integer(1, 1 << 20),
-        "grad_clip": number(0, 1e6),
-        "val_windows": integer(0, 1 << 20),
-        "patience": integer(1, 1000),
-        "seed": integer(),
-        "mask_updates": integer(0, 1 << 20),
-        "targets": one_of(BQPO_TARGETS),
-        "train_dtype": one_of(TRAIN_DTYPES),
+        "bits": one_of(SUPPORTED_BITS, integer=True),
+        "group_size": power_of_two(MIN_GROUP_SIZE, MAX_GROUP_SIZE),
+        "ratio": number(0, 1, hi_open=True),
     }
 
-    def _check(self) -> None:
-        if self.mask_updates and self.epochs == 1:
-            raise ValueError("BQPOSpec.mask_updates needs at least 2 epochs (the last trains with the mask frozen), "
-                             "got epochs 1")
+    @property
+    def label(self) -> str:
+        """Short name, e.g. "w3g64" or "w4g16s50"."""
+        sparse = f"s{self.ratio * 100:g}" if self.ratio else ""
+        return f"w{self.bits}g{self.group_size}{sparse}"
+
+
+def _tuple_of(test, expected: str) -> Rule:
+    return Rule(f"a non-empty list of {expected}",
+                lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(test(x) for x in v), tuple)
 
 
 @dataclass(frozen=True)
-class E2ESpec(ValidatedConfig):
-    """End-to-end training of the quantization parameters (E2E-OQP) after the block-wise steps: the integer
-    codes and the masks are frozen; the scales (and, if asked, the zero points) of every layer train on the
-    next-token loss of the calibration windows through the whole model.
+class FormatSearchSpec(ValidatedConfig):
+    """``--target-bpw``: choose each layer's bits, group size and sparsity for a storage budget
+    (``gqsa.algorithms.format_search``).
+
+    Each layer's candidates are every (bits, group size, ratio) of the lists that fits the layer. The expected
+    rise of the KL divergence from the dense model when a layer takes a candidate is estimated from the Fisher
+    information of the dense model on ``windows`` calibration windows (one backward pass each); the per-layer
+    choice minimising the summed estimate within the budget is solved exactly by a Lagrangian sweep. The
+    ``verify`` best uniform candidates and the per-layer choice are then measured (held-out next-token loss of the
+    calibration split, every layer rounded to nearest in its format) and the best of them is kept.
 
     Attributes:
-        epochs: passes over the training windows; 0 turns E2E-OQP off.
-        lr: AdamW learning rate of the scales.
-        train_zero_point: also train the zero points (asymmetric layers; rounded with straight-through).
-        lr_zero_point: their learning rate (zero points are in code units, scales in weight units).
-        batch_size: windows per optimizer step (gradients accumulated one window at a time).
-        grad_clip: max global gradient norm (0 = no clipping).
-        val_windows: calibration windows held out for early stopping (0 = none).
-        patience: epochs without a better held-out loss before stopping; the best state is restored.
-        gradient_checkpointing: activation recomputation: recompute block activations in the backward pass to
-            bound memory (the key keeps transformers' name; saved configs use it).
-        seed: seed of the window order.
-        distill: weight of distillation in the loss, in [0, 1]: ``(1 - distill) * next-token loss + distill *
-            KL(dense model || compressed model)`` on the next-token distributions (``gqsa.algorithms.distill``;
-            the dense model's top-k is computed before compression). 0 = the next-token loss only.
-        distill_top_k: tokens of the dense model's distribution kept per position (the rest is one outcome).
-        train_dtype: "float32", or "bfloat16" to compute the model under autocast (the scales and zero points
-            and the optimizer state stay float32).
+        target_bpw: the budget, stored bits per weight over all compressed layers (all metadata counted);
+            0 = no search.
+        bits: candidate code widths.
+        group_sizes: candidate group sizes (those that do not divide a layer's in_features are skipped for it).
+        ratios: candidate fractions of groups pruned.
+        per_layer: let layers take different formats; False picks one format for the whole model.
+        windows: calibration windows of the Fisher pass (taken from the start; the held-out ones are not used).
+        verify: uniform candidates measured beside the per-layer choice.
     """
 
-    epochs: int = 0
-    lr: float = 1e-4
-    train_zero_point: bool = False
-    lr_zero_point: float = 1e-2
-    batch_size: int = 1
-    grad_clip: float = 1.0
-    val_windows: int = 4
-    patience: int = 1
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    distill: float = 0.0
-    distill_top_k: int = 64
-    train_dtype: str = "float32"
+    target_bpw: float = 0.0
+    bits: tuple = (2, 3, 4)
+    group_sizes: tuple = (32, 64, 128)
+    ratios: tuple = (0.0, 0.1, 0.25, 0.5)
+    per_layer: bool = True
+    windows: int = 8
+    verify: int = 3
 
     _rules: ClassVar[dict[str, Rule]] = {
-        "epochs": integer(0, 1000),
-        "lr": number(0, 1.0),
-        "train_zero_point": FLAG,
-        "lr_zero_point": number(0, 10.0),
-        "batch_size": integer(1, 1 << 20),
-        "grad_clip": number(0, 1e6),
-        "val_windows": integer(0, 1 << 20),
-        "patience": integer(1, 1000),
-        "gradient_checkpointing": FLAG,
-        "seed": integer(),
-        "distill": number(0, 1.0),
-        "distill_top_k": integer(1, 1 << 20),
-        "train_dtype": one_of(TRAIN_DTYPES),
+        "target_bpw": number(0, 64),
+        "bits": _tuple_of(lambda b: b in SUPPORTED_BITS and isinstance(b, int) and not isinstance(b, bool),
+                          f"code widths from {SUPPORTED_BITS}"),
+        "group_sizes": _tuple_of(lambda g: isinstance(g, int) and g in {1 << k for k in range(3, 9)},
+                                 f"powers of two from {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE}"),
+        "ratios": _tuple_of(lambda r: isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1,
+                            "ratios in [0, 1)"),
+        "per_layer": FLAG,
+        "windows": integer(1, 1 << 20),
+        "verify": integer(0, 1000),
     }
 
 
@@ -311,6 +272,10 @@ class CompressConfig(ValidatedConfig):
         bqpo: the BQPOSpec (block-wise training after the one-shot step, off by default; for "sparsegpt" and
             "wanda" it reconstructs the kept float weights with the mask fixed).
         e2e: the E2ESpec (end-to-end training of scales after that; method "gqsa" only, off by default).
+        search: the FormatSearchSpec (``--target-bpw``: each layer's format chosen for a storage budget before
+            compressing; off by default).
+        layer_formats: layer name -> LayerFormat for layers whose bits, group size or ratio differ from
+            ``quant`` and ``sparsity`` (packed methods; written by the search, or given).
         version: config schema version; files written by another version are rejected with a clear error.
     """
 
@@ -321,7 +286,9 @@ class CompressConfig(ValidatedConfig):
         "oneshot": OneShotSpec,
         "bqpo": BQPOSpec,
         "e2e": E2ESpec,
+        "search": FormatSearchSpec,
     }
+    _nested_maps: ClassVar[dict[str, type]] = {"layer_formats": LayerFormat}
 
     method: str = "gqsa"
     quant: QuantSpec | None = field(default_factory=QuantSpec)
@@ -330,9 +297,16 @@ class CompressConfig(ValidatedConfig):
     oneshot: OneShotSpec = field(default_factory=OneShotSpec)
     bqpo: BQPOSpec = field(default_factory=BQPOSpec)
     e2e: E2ESpec = field(default_factory=E2ESpec)
+    search: FormatSearchSpec = field(default_factory=FormatSearchSpec)
+    layer_formats: dict = field(default_factory=FrozenMap)
     version: int = CONFIG_VERSION
 
-    _rules: ClassVar[dict[str, Rule]] = {"method": one_of(COMPRESS_METHODS)}
+    _rules: ClassVar[dict[str, Rule]] = {
+        "method": one_of(COMPRESS_METHODS),
+        "layer_formats": Rule("a mapping of layer names to LayerFormat",
+                              lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(f, LayerFormat)
+                                                                    for k, f in v.items()), FrozenMap),
+    }
 
     def _check(self) -> None:
         for name, cls in self._nested.items():
@@ -373,10 +347,32 @@ class CompressConfig(ValidatedConfig):
                 )
             if self.sparsity.allocation == "model" and self.method != "magnitude":
                 raise ValueError(f"CompressConfig: method {self.method!r} does not support allocation 'model'")
+        if self.layer_formats or self.search.target_bpw:
+            what = "layer_formats" if self.layer_formats else "search.target_bpw (--target-bpw)"
+            if pattern != "group" or self.method not in ("gqsa", "magnitude"):
+                raise ValueError(f"CompressConfig: {what} chooses packed formats per layer: method 'gqsa' or "
+                                 f"'magnitude' with pattern 'group', got method {self.method!r}, pattern {pattern!r}")
+            if self.sparsity.allocation == "model":
+                raise ValueError(f"CompressConfig: {what} sets each layer's ratio; allocation 'model' does not "
+                                 "apply (use 'row' or 'matrix')")
+            if self.oneshot.saliency == "obs_adaptive" and any(f.ratio for f in self.layer_formats.values()):
+                raise ValueError("CompressConfig: layer_formats with pruning need a saliency chosen per layer; "
+                                 "'obs_adaptive' chooses masks block by block (use 'obs')")
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"CompressConfig.version {self.version!r} is not supported by this gqsa (expects {CONFIG_VERSION})"
             )
+
+    def layer_quant(self, name: str) -> QuantSpec:
+        """The QuantSpec of layer ``name``: ``quant`` with the layer's own bits and group size where
+        ``layer_formats`` gives them."""
+        f = self.layer_formats.get(name)
+        return self.quant if f is None else self.quant.replace(bits=f.bits, group_size=f.group_size)
+
+    def layer_ratio(self, name: str) -> float:
+        """Fraction of layer ``name``'s groups (or weights) pruned."""
+        f = self.layer_formats.get(name)
+        return self.sparsity.ratio if f is None else f.ratio
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON atomically (temporary file, then rename)."""

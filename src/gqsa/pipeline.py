@@ -49,9 +49,13 @@ def check_layers(linears: dict[str, nn.Linear], config: CompressConfig) -> None:
             whose weight or bias holds NaN or Inf (a scale or a saliency computed from it would be meaningless).
     """
     nm = config.sparsity.nm
+    unknown = sorted(set(config.layer_formats) - set(linears))
+    if unknown:
+        raise ValueError(f"layer_formats names {len(unknown)} layer(s) the model does not compress, e.g. "
+                         f"{unknown[:3]}; compressed layers look like {sorted(linears)[:2]}")
     for name, m in linears.items():
         if config.quant is not None:
-            config.quant.check_in_features(m.in_features, layer=name)
+            config.layer_quant(name).check_in_features(m.in_features, layer=name)
         if nm is not None and m.in_features % nm[1]:
             raise ValueError(f"{name}: pattern {config.sparsity.pattern} needs in_features divisible by {nm[1]}, "
                              f"got {m.in_features}")
@@ -163,10 +167,11 @@ def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | Non
     from gqsa.algorithms.hessian import damped_inverse_cholesky
     from gqsa.algorithms.oneshot import gqsa_oneshot_linear
 
-    q, sp, os_ = config.quant, config.sparsity, config.oneshot
+    sp, os_ = config.sparsity, config.oneshot
 
     def gqsa_layer(name, linear, stats):
-        ratio, allocation = sp.ratio, sp.allocation
+        q = config.layer_quant(name)
+        ratio, allocation = config.layer_ratio(name), sp.allocation
         if prune_counts is not None:
             groups = linear.out_features * (linear.in_features // q.group_size)
             ratio, allocation = prune_counts[name] / groups, "matrix"
@@ -311,7 +316,9 @@ def compress_model(
     check_layers(compressible_linears(model), config)  # not kept: each block's dense layers go once replaced
     if calib_ids is not None and calib_ids.dim() == 2:
         check_context_length(model, calib_ids.shape[1], _CALIB_WINDOW)
-    counts = blocks = teacher = None
+    counts = blocks = teacher = search = None
+    if config.search.target_bpw and not config.layer_formats:
+        config, search = _search_formats(model, config, calib_ids, device, progress)
     if config.e2e.epochs and config.e2e.distill > 0:
         teacher = _teacher(model, config, calib_ids, device, progress)
     if config.method == "magnitude":
@@ -338,10 +345,29 @@ def compress_model(
         "wall_time_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    for key, value in (("groups_pruned_per_layer", counts), ("bqpo_blocks", blocks), ("e2e", e2e)):
+    for key, value in (("format_search", search), ("groups_pruned_per_layer", counts), ("bqpo_blocks", blocks),
+                       ("e2e", e2e)):
         if value is not None:
             report[key] = value
     return report
+
+
+def _search_formats(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor | None,
+                    device: torch.device | str | None, progress: bool) -> tuple[CompressConfig, dict]:
+    """``config`` with every layer's format chosen for ``config.search.target_bpw`` (gqsa.algorithms.format_search),
+    and the search's report."""
+    from gqsa.algorithms.format_search import search_formats
+    from gqsa.models.lazy import lazy_weights
+
+    if calib_ids is None:
+        raise ValueError("--target-bpw (search.target_bpw) measures formats on calibration windows (calib_ids)")
+    if lazy_weights(model) is not None:
+        raise ValueError("--target-bpw runs the dense model whole on calibration windows first; load it without "
+                         "--lazy-load")
+    with on_device(model, device):
+        plan = search_formats(model, calib_ids, config, progress)
+    logger.info("format search chose %s: %.3f bits per weight", plan.choice, plan.bits_per_weight)
+    return config.replace(layer_formats=plan.layer_formats), plan.as_report()
 
 
 def _teacher(model: nn.Module, config: CompressConfig, calib_ids: torch.Tensor | None,

@@ -129,6 +129,11 @@ class Overrides:
     e2e_zero_point: bool | None = None
     e2e_distill: float | None = None
     e2e_distill_top_k: int | None = None
+    target_bpw: float | None = None
+    search_bits: tuple | None = None
+    search_group_sizes: tuple | None = None
+    search_ratios: tuple | None = None
+    search_per_layer: bool | None = None
 
 
 OVERRIDES = tuple(f.name for f in fields(Overrides))
@@ -196,6 +201,8 @@ def resolve_config(name: str = "w4s50", fast_variant: bool = False, **overrides)
         oneshot=_override(cfg.oneshot, saliency=o.saliency, damp=o.damp),
         bqpo=_override(bqpo, epochs=o.bqpo_epochs, lr_weight=o.bqpo_lr_weight, lr_qparams=o.bqpo_lr_qparams,
                        mask_updates=mask_updates, targets=o.bqpo_targets, train_dtype=o.train_dtype),
+        search=_override(cfg.search, target_bpw=o.target_bpw, bits=o.search_bits, group_sizes=o.search_group_sizes,
+                         ratios=o.search_ratios, per_layer=o.search_per_layer),
         e2e=_override(e2e, epochs=o.e2e_epochs, lr=o.e2e_lr, train_zero_point=True if o.e2e_zero_point else None,
                       distill=o.e2e_distill, distill_top_k=o.e2e_distill_top_k, train_dtype=o.train_dtype),
     )

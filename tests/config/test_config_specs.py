@@ -7,7 +7,15 @@ import re
 
 import pytest
 
-from gqsa.config import CONFIG_VERSION, CalibSpec, CompressConfig, QuantSpec, SparsitySpec
+from gqsa.config import (
+    CONFIG_VERSION,
+    CalibSpec,
+    CompressConfig,
+    FormatSearchSpec,
+    LayerFormat,
+    QuantSpec,
+    SparsitySpec,
+)
 
 
 def _non_default() -> CompressConfig:
@@ -16,6 +24,8 @@ def _non_default() -> CompressConfig:
         quant=QuantSpec(bits=3, group_size=64, symmetric=True, qparam_method="mse"),
         sparsity=SparsitySpec(ratio=0.375, allocation="matrix"),
         calib=CalibSpec(dataset="c4", samples=7, seq_len=333, seed=-5),
+        search=FormatSearchSpec(target_bpw=3.25, group_sizes=(64,)),
+        layer_formats={"model.layers.0.mlp.up_proj": LayerFormat(bits=2, group_size=32, ratio=0.25)},
     )
 
 
@@ -183,6 +193,9 @@ def test_to_dict_is_plain_nested_json():
         "e2e": {"epochs": 0, "lr": 1e-4, "train_zero_point": False, "lr_zero_point": 1e-2, "batch_size": 1,
                 "grad_clip": 1.0, "val_windows": 4, "patience": 1, "gradient_checkpointing": True, "seed": 0,
                 "distill": 0.0, "distill_top_k": 64, "train_dtype": "float32"},
+        "search": {"target_bpw": 3.25, "bits": [2, 3, 4], "group_sizes": [64], "ratios": [0.0, 0.1, 0.25, 0.5],
+                   "per_layer": True, "windows": 8, "verify": 3},
+        "layer_formats": {"model.layers.0.mlp.up_proj": {"bits": 2, "group_size": 32, "ratio": 0.25}},
         "version": CONFIG_VERSION,
     }
     assert json.loads(json.dumps(d)) == d

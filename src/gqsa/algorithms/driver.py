@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from gqsa.algorithms.activation_store import ActivationStore
 from gqsa.algorithms.resume import ResumeEntryError, ResumeState
-from gqsa.config import BQPO_TARGETS as TARGETS_FROM
+from gqsa.config_training import BQPO_TARGETS as TARGETS_FROM
 from gqsa.models.adapter import block_prefix, block_projections, capture_block_inputs, decoder_layers
 from gqsa.models.lazy import materialize_block
 from gqsa.models.surgery import set_submodule

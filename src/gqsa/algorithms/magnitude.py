@@ -26,12 +26,11 @@ def magnitude_masks(weights: dict[str, torch.Tensor], config: CompressConfig) ->
     Returns:
         layer name -> (N, K // group_size) bool keep-mask.
     """
-    g = config.quant.group_size
-    scores = {name: group_l2_norms(w, g) for name, w in weights.items()}
-    ratio, allocation = config.sparsity.ratio, config.sparsity.allocation
+    scores = {name: group_l2_norms(w, config.layer_quant(name).group_size) for name, w in weights.items()}
+    allocation = config.sparsity.allocation
     if allocation == "model":
-        return select_groups_across(scores, ratio)
-    return {name: select_groups(s, ratio, allocation) for name, s in scores.items()}
+        return select_groups_across(scores, config.sparsity.ratio)
+    return {name: select_groups(s, config.layer_ratio(name), allocation) for name, s in scores.items()}
 
 
 def magnitude_pack(linears: dict[str, nn.Linear], config: CompressConfig) -> dict[str, PackedWeight]:
@@ -42,8 +41,8 @@ def magnitude_pack(linears: dict[str, nn.Linear], config: CompressConfig) -> dic
     """
     weights = {name: m.weight.detach() for name, m in linears.items()}
     masks = magnitude_masks(weights, config)
-    q = config.quant
-    return {
-        name: quantize_to_packed(weights[name], masks[name], q.bits, q.group_size, q.symmetric, q.qparam_method)
-        for name in weights
-    }
+    out = {}
+    for name in weights:
+        q = config.layer_quant(name)
+        out[name] = quantize_to_packed(weights[name], masks[name], q.bits, q.group_size, q.symmetric, q.qparam_method)
+    return out

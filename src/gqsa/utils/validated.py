@@ -74,6 +74,18 @@ def power_of_two(lo: int, hi: int | None = None) -> Rule:
                  lambda v: _is_int(v) and _is_power_of_two(v) and lo <= v and (hi is None or v <= hi))
 
 
+class FrozenMap(dict):
+    """A read-only dict that hashes by its items, for mapping fields of frozen configs."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a config's mapping is read-only; build a new config with replace()")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only  # type: ignore
+
+
 FLAG = Rule("a bool", lambda v: isinstance(v, bool))
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v))
 
@@ -86,6 +98,7 @@ class ValidatedConfig:
     """
 
     _nested: ClassVar[dict[str, type]] = {}
+    _nested_maps: ClassVar[dict[str, type]] = {}  # fields holding {str: config}, rebuilt value by value
     _rules: ClassVar[dict[str, Rule]] = {}
 
     def __post_init__(self) -> None:
@@ -104,7 +117,13 @@ class ValidatedConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, ValidatedConfig) else value
+            if isinstance(value, ValidatedConfig):
+                value = value.to_dict()
+            elif isinstance(value, dict):
+                value = {k: v.to_dict() if isinstance(v, ValidatedConfig) else v for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
         return out
 
     @classmethod
@@ -119,6 +138,9 @@ class ValidatedConfig:
         for name, sub in cls._nested.items():
             if name in kwargs and isinstance(kwargs[name], dict):
                 kwargs[name] = sub.from_dict(kwargs[name])
+        for name, sub in cls._nested_maps.items():
+            if name in kwargs and isinstance(kwargs[name], dict):
+                kwargs[name] = {k: sub.from_dict(v) if isinstance(v, dict) else v for k, v in kwargs[name].items()}
         return cls(**kwargs)
 
     def to_json(self) -> str:
