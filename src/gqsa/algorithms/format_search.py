@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from gqsa.config import CompressConfig, LayerFormat
-from gqsa.format.bitpack import packed_nbytes
-from gqsa.format.layout import col_indices_dtype
+from gqsa.format.packed_weight import PackedWeight
 from gqsa.models.adapter import compressible_linears
 from gqsa.quant.groups import from_groups, to_groups
 from gqsa.quant.masks import groups_to_prune, select_groups
@@ -53,13 +52,12 @@ def kept_groups(out_features: int, num_groups: int, ratio: float, allocation: st
 def packed_bits(out_features: int, in_features: int, fmt: LayerFormat, allocation: str = "row",
                 symmetric: bool = False) -> int:
     """Stored bits of an (out, in) layer packed in ``fmt``: row pointers, column indices, codes, fp16 scales and
-    zero points, exactly as ``PackedWeight.pack`` stores them."""
-    num_groups = in_features // fmt.group_size
-    nnz = kept_groups(out_features, num_groups, fmt.ratio, allocation)
-    index_bytes = torch.empty((), dtype=col_indices_dtype(num_groups)).element_size()
-    nbytes = (4 * (out_features + 1) + nnz * (index_bytes + packed_nbytes(fmt.group_size, fmt.bits) + 2)
-              + (0 if symmetric else packed_nbytes(nnz, fmt.bits)))
-    return 8 * nbytes
+    zero points, from the format's own tensor shapes (``PackedWeight.expected_shapes``)."""
+    nnz = kept_groups(out_features, in_features // fmt.group_size, fmt.ratio, allocation)
+    meta = {"out_features": out_features, "in_features": in_features, "group_size": fmt.group_size,
+            "bits": fmt.bits, "symmetric": symmetric, "nnz": nnz}
+    return 8 * sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                   for shape, dtype in PackedWeight.expected_shapes(meta).values())
 
 
 def candidate_formats(config: CompressConfig) -> list[LayerFormat]:
