@@ -147,16 +147,17 @@ def cmd_compress(args) -> int:
     s = report["summary"]
     q, sp = config.quant, config.sparsity
     print(f"compressed {report['model']} -> {out}")
-    if packed and "format_search" in report:
-        fs = report["format_search"]
-        mix = ", ".join(f"{n} x {label}" for label, n in fs["formats"].items())
-        print(f"  method {config.method}, formats chosen for {config.search.target_bpw:g} bits per weight "
-              f"({fs['choice']}, search {fs['time_s']['total']:.0f} s): {mix}")
-    elif packed and config.layer_formats:
-        print(f"  method {config.method}: per-layer formats ({len(config.layer_formats)} layers set)")
-    if packed and not config.layer_formats:
-        print(f"  method {config.method}: W{q.bits} group {q.group_size} {'sym' if q.symmetric else 'asym'}, "
-              f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
+    if packed:
+        if "format_search" in report:
+            fs = report["format_search"]
+            mix = ", ".join(f"{n} x {label}" for label, n in fs["formats"].items())
+            print(f"  method {config.method}, formats chosen for {config.search.target_bpw:g} bits per weight "
+                  f"({fs['choice']}, search {fs['time_s']['total']:.0f} s): {mix}")
+        elif config.layer_formats:
+            print(f"  method {config.method}: per-layer formats ({len(config.layer_formats)} layers set)")
+        else:
+            print(f"  method {config.method}: W{q.bits} group {q.group_size} {'sym' if q.symmetric else 'asym'}, "
+                  f"{sp.ratio:.0%} of groups pruned ({sp.allocation} allocation)")
         print(f"  {s['num_layers']} linear layers: {s['bits_per_weight']:.3f} bits per weight (all metadata "
               f"counted), {s['sparsity']:.1%} groups pruned")
         print(f"  model tensors: {mib_text(report['dense_model_bytes'])} dense fp32 -> {mib_text(s['model_bytes'])} "

@@ -219,6 +219,7 @@ def test_cli_target_bpw_writes_the_choice_and_info_shows_the_mix(dense_dir, text
     assert rc == 0
     printed = capsys.readouterr().out
     assert "formats chosen for 3.6 bits per weight" in printed
+    assert "bits per weight (all metadata counted)" in printed and "W4 group 16" not in printed  # not the preset's
     report = json.loads((out / "report.json").read_text())
     saved = CompressConfig.load(out / "compress_config.json")
     assert saved.search.target_bpw == 3.6 and saved.layer_formats  # the resolved choice is saved
