@@ -180,6 +180,7 @@ def _layer_compressor(config: CompressConfig, prune_counts: dict[str, int] | Non
             linear.weight, stats.hessian, hinv, hinv_chol, q.bits, q.group_size, ratio, allocation,
             os_.saliency, q.symmetric, q.qparam_method, os_.block_size, static_qparams=os_.static_qparams,
         )
+        del hinv, hinv_chol  # two (K, K) matrices, not needed by the report
         return _packed_module(linear, packed), layer_report(name, linear.weight, packed, stats.hessian)
 
     def float_layer(name, linear, stats):

@@ -56,3 +56,36 @@ def test_check_finite_input():
         check_finite_input(torch.tensor([1.0, float("inf")], dtype=torch.float16), 5, "m.l")
     with pytest.raises(ValueError, match=r"^layer q: "):
         check_finite_input(torch.tensor([float("nan")]), None, "q")
+
+
+def test_each_dense_layer_is_released_once_replaced():
+    """Compressing a block holds one dense layer at a time, not the whole block (peak memory of big blocks): when
+    a layer is compressed, every layer replaced before it is gone."""
+    import gc
+    import weakref
+
+    from gqsa.algorithms.blockwise import collect_block_hessians, compress_block_linears
+    from gqsa.algorithms.activation_store import ActivationStore
+    from gqsa.models.adapter import block_linears
+    from gqsa.pipeline import _layer_compressor
+
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    hidden = ActivationStore()
+    hidden.append(torch.randn(1, 16, model.config.hidden_size))
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden[0], torch.arange(16)[None])}
+    stats = collect_block_hessians(block, hidden, kwargs)
+    refs = {name: weakref.ref(m) for name, m in block_linears(block).items()}
+    compress = _layer_compressor(_config(0))
+    alive_before = {}
+
+    def compress_linear(name, linear, acc):
+        gc.collect()
+        alive_before[name] = sorted(n for n, r in refs.items() if r() is not None and r() is not linear
+                                    and f"model.layers.0.{n}" != name)
+        return compress(name, linear, acc)
+
+    compress_block_linears(block, "model.layers.0", stats, compress_linear)
+    names = list(refs)
+    for i, name in enumerate(names):
+        assert alive_before[f"model.layers.0.{name}"] == sorted(names[i + 1:]), name

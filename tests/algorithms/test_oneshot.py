@@ -42,6 +42,56 @@ def test_damped_inverse_raises_dampening_for_indefinite_matrices():
         damped_inverse_cholesky(h, layer="q_proj")
 
 
+def _damped_inverse_reference(h: torch.Tensor, lam: float):
+    """The textbook computation, one full matrix per step: (H + lam * mean(diag H) I)^-1 and its upper factor."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    damped = h + lam * torch.diagonal(h).mean() * torch.eye(h.shape[0])
+    linv = torch.linalg.solve_triangular(torch.linalg.cholesky(damped), torch.eye(h.shape[0]), upper=False)
+    hinv = linv.T @ linv
+    return hinv, torch.linalg.cholesky(hinv, upper=True), dead
+
+
+def test_damped_inverse_is_the_textbook_one_bit_for_bit_and_leaves_the_hessian_alone():
+    # the in-place dampening and early releases (peak memory) must not change a single bit of the result
+    torch.manual_seed(0)
+    x = torch.randn(200, 48)
+    x[:, 5] = 0
+    h = hessian(x)
+    before = h.clone()
+    hinv, chol, dead = damped_inverse_cholesky(h, damp=0.01)
+    ref_hinv, ref_chol, ref_dead = _damped_inverse_reference(before, 0.01)
+    assert torch.equal(hinv, ref_hinv) and torch.equal(chol, ref_chol) and torch.equal(dead, ref_dead)
+    assert torch.equal(h, before)
+
+
+def test_damped_inverse_retries_with_ten_times_the_dampening(caplog):
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))  # damp 0.01 leaves it indefinite, 0.1 does not
+    before = h.clone()
+    with caplog.at_level("WARNING", logger="gqsa.algorithms.hessian"):
+        hinv, chol, _ = damped_inverse_cholesky(h, damp=0.01, layer="mlp.down_proj")
+    ref_hinv, ref_chol, _ = _damped_inverse_reference(before, 0.1)
+    assert torch.equal(hinv, ref_hinv) and torch.equal(chol, ref_chol)
+    assert torch.equal(h, before)
+    assert "mlp.down_proj: Hessian needed dampening 0.1" in caplog.text
+
+
+def test_damped_inverse_holds_at_most_three_k_by_k_matrices():
+    """Peak memory (Llama-2-7B's down_proj: K = 11008, 485 MB per matrix): the textbook computation keeps H's
+    copy, the damped copy, its factor, the identity, L^-1 and H^-1 alive together (six or seven)."""
+    from live_bytes import LiveBytes
+
+    k = 256
+    h = hessian(torch.randn(400, k))
+    with LiveBytes() as mem:
+        result = damped_inverse_cholesky(h)
+    matrix = k * k * 4
+    assert mem.peak <= 3 * matrix + 16 * k, mem.peak / matrix
+    assert mem.live >= 2 * matrix  # what it returns is counted: the tracker sees the tensors
+    del result
+
+
 def test_obs_saliency_is_the_output_error_of_removing_a_group_with_optimal_compensation():
     torch.manual_seed(0)
     x = correlated_inputs(k=32)

@@ -131,3 +131,33 @@ def test_unpack_rejects_wrong_length():
         unpack_bits(torch.zeros(6, dtype=torch.uint8), 3, 12)
     with pytest.raises(ValueError, match="expected 2 bytes"):
         unpack_bits_padded(torch.zeros(3, dtype=torch.uint8), 4, 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packing_in_steps_is_packing_at_once(bits, monkeypatch):
+    """Runs are packed a bounded number at a time (peak memory); the steps' seams must not show: the same bytes
+    as one step over every run, and back."""
+    import gqsa.format.bitpack as bitpack
+
+    codes = torch.randint(0, 1 << bits, (5, 7, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    whole = pack_bits(codes, bits)  # 105 runs of 8 codes: one step
+    monkeypatch.setattr(bitpack, "_RUNS_PER_STEP", 4)  # 27 steps, the last one short
+    assert torch.equal(pack_bits(codes, bits), whole)
+    assert torch.equal(unpack_bits(whole, bits, 24), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packing_holds_a_bounded_number_of_wide_words(bits):
+    """The int64 words of one step at a time, not of every code (a 7B layer: 0.7 GiB otherwise)."""
+    from live_bytes import LiveBytes
+
+    import gqsa.format.bitpack as bitpack
+
+    codes = torch.randint(0, 1 << bits, (8 * bitpack._RUNS_PER_STEP * 4,), dtype=torch.uint8)
+    with LiveBytes() as mem:
+        packed = pack_bits(codes, bits)
+    step_words = bitpack._RUNS_PER_STEP * 8 * 8  # a step's runs widened to int64
+    assert mem.peak <= packed.numel() + 3 * step_words, mem.peak / codes.numel()
+    with LiveBytes() as mem:
+        unpack_bits(packed, bits, codes.numel())
+    assert mem.peak <= codes.numel() + 3 * step_words, mem.peak / codes.numel()

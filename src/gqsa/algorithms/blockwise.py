@@ -95,12 +95,16 @@ def compress_block_linears(
     from gqsa.models.surgery import set_submodule
 
     reports = []
-    for name, linear in block_linears(block).items():
+    # by name, so that each dense layer is released once replaced: one dense layer at a time is held here, not
+    # the block's (0.6 GiB less at a Llama-2-7B block's down_proj)
+    for name in list(block_linears(block)):
         full = f"{prefix}.{name}"
+        linear = block.get_submodule(name)
         module, report = compress_linear(full, linear, stats[name])
         logger.info("%s: %s", full, ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
         reports.append(report)
         set_submodule(block, name, module)
+        del linear, module
     return reports
 
 

@@ -17,9 +17,9 @@ def error_report(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     w = weight.detach().float()
     diff = approx.detach().float().to(w.device) - w
     report = {"relative_error": float(diff.norm() / w.norm().clamp_min(1e-12))}
-    if hessian is not None:
-        num = ((diff @ hessian) * diff).sum()
-        den = ((w @ hessian) * w).sum().clamp_min(1e-12)
+    if hessian is not None:  # one (N, K) product at a time, multiplied in place
+        num = (diff @ hessian).mul_(diff).sum()
+        den = (w @ hessian).mul_(w).sum().clamp_min(1e-12)
         report["output_error"] = float(num / den)
     return report
 

@@ -148,7 +148,7 @@ def _load_into(target: torch.Tensor, value: torch.Tensor, name: str, source) -> 
         raise ValueError(f"{source}: tensor {name} holds {problem}; the weights are corrupted (gqsa needs finite "
                          "weights)")
     with torch.no_grad():
-        target.data.copy_(value.to(target.dtype))
+        target.data.copy_(value)  # casts as it copies: no second copy of the tensor in the model's dtype
 
 
 def materialize_block(model: nn.Module, index: int, device: torch.device | str) -> None:

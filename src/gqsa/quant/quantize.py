@@ -12,8 +12,8 @@ from gqsa.quant.levels import qmax
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``clamp(round(w / scale) + zero_point, 0, 2**bits - 1)`` as uint8, shape of ``w``."""
-    q = torch.round(w.float() / scale.unsqueeze(-1).float()) + zero_point.unsqueeze(-1).float()
-    return q.clamp_(0, qmax(bits)).to(torch.uint8)
+    q = w.float() / scale.unsqueeze(-1).float()  # the one float intermediate; the rest in place
+    return q.round_().add_(zero_point.unsqueeze(-1).float()).clamp_(0, qmax(bits)).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
