@@ -306,3 +306,24 @@ def test_two_concurrent_compress_runs_on_one_output_never_mix(dense_dir, text_fi
     cfg = json.loads((out / "gqsa_config.json").read_text())
     assert cfg["compression"]["sparsity"]["ratio"] == 0.5 and cfg["summary"]["sparsity"] == pytest.approx(0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gate", "out"]
+
+
+@pytest.mark.parametrize("method,preset", [("magnitude", ()), (None, ("--preset", "2of4-magnitude"))])
+def test_overwrite_refuses_a_checkpoint_holding_the_users_files(capsys, dense_dir, tmp_path, method, preset):
+    """A gqsa checkpoint the user put notes or results into is not replaced: they would be deleted. Every file
+    gqsa itself writes (packed and float-pruned checkpoints, their tokenizer files) is not foreign."""
+    from gqsa.models.outputs import foreign_entries
+
+    out = tmp_path / "ckpt"
+    flags = ("--method", method) if method else preset
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", out, *flags)
+    assert code == 0, err
+    assert foreign_entries(out) == []
+    (out / "notes.txt").write_text("mine")
+    (out / "results").mkdir()
+    (out / "results" / "r.json").write_text("{}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, stdout, err = _run(capsys, "compress", dense_dir, "--out", out, *flags, "--overwrite")
+    assert code == 2 and not stdout, err
+    assert "does not write (notes.txt, results)" in err and "would delete them" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

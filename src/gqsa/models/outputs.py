@@ -9,6 +9,7 @@ interrupted run never leaves a half-written or resume-only output.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import os
 from collections.abc import Iterable
@@ -37,6 +38,24 @@ def is_gqsa_output(path: str | Path) -> bool:
         return False
 
 
+# What a gqsa checkpoint directory holds: what gqsa.save / save_pruned write (the weights, gqsa's and transformers'
+# configs, the run's report and resolved config) and what a tokenizer's save_pretrained writes. --overwrite
+# refuses a checkpoint that holds anything else: replacing it would delete the user's files.
+_WRITTEN_NAMES = frozenset({
+    GQSA_CONFIG_NAME, PRUNED_CONFIG_NAME, "config.json", "generation_config.json", "report.json",
+    "compress_config.json", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model", "tekken.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model",
+})
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """Names in checkpoint directory ``path`` that gqsa does not write (any subdirectory, any other file)."""
+    return sorted(p.name for p in Path(path).iterdir()
+                  if p.is_dir() or not (p.name in _WRITTEN_NAMES or fnmatch.fnmatch(p.name, "model*.safetensors")))
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -57,7 +76,8 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[
     Raises:
         ValueError: ``out`` is empty, or equals or contains an input.
         FileExistsError: ``out`` is a file, or a non-empty directory without ``overwrite``, or with ``overwrite``
-            a directory that gqsa did not write (its files are named).
+            a directory that gqsa did not write, or a gqsa checkpoint that also holds files gqsa does not write
+            (``foreign_entries``; they are named).
         PermissionError / OSError: the place where ``out`` would be created is not writable (or on a read-only
             file system).
     """
@@ -79,6 +99,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise FileExistsError(f"{path} holds files gqsa did not write ({shown}); --overwrite replaces only a "
                                   "gqsa checkpoint: choose another output directory or empty this one")
+        foreign = foreign_entries(path)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise FileExistsError(f"{path} is a gqsa checkpoint but also holds files gqsa does not write ({shown}); "
+                                  "--overwrite would delete them: move them out or choose another output directory")
     parent = _nearest_existing(path.parent)
     if not parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
