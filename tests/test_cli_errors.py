@@ -348,3 +348,27 @@ def test_compressing_a_compressed_checkpoint_is_refused_before_any_work(capsys, 
     line = _one_error_line(err, "gqsa compress: error: ")
     assert str(packed_dir) in line and "compressed checkpoint" in line and "dense model" in line
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("eval_flags,words", [
+    (("--eval-text-file", "MISSING", "--eval-seq-len", 16), "MISSING"),
+    (("--eval-text-file", "TEXT"), "2048"),  # the default window, beyond the tiny model's 512 positions
+    (("--eval-text-file", "TEXT", "--eval-seq-len", 16, "--eval-max-tokens", 10), "10"),
+])
+def test_lazy_compress_checks_its_evaluation_before_compressing(capsys, monkeypatch, dense_dir, text_file, tmp_path,
+                                                                eval_flags, words):
+    """With --lazy-load no perplexity is measured before compressing: its settings are checked before it all the
+    same, not after the whole compression."""
+    import gqsa.compress
+
+    def compress_model(*args, **kwargs):
+        raise AssertionError("compressed before the evaluation settings were checked")
+
+    monkeypatch.setattr(gqsa.compress, "compress_model", compress_model)
+    missing = tmp_path / "nosuch.txt"
+    flags = [{"MISSING": missing, "TEXT": text_file}.get(f, f) for f in eval_flags]
+    code, _, err = _run(capsys, "compress", dense_dir, "--out", tmp_path / "out", "--method", "gqsa",
+                        "--calib-samples", 2, "--seq-len", 16, "--lazy-load", "--eval", *flags)
+    assert code == 2, err
+    line = _one_error_line(err, "gqsa compress: error: ")
+    assert str({"MISSING": missing}.get(words, words)) in line, line

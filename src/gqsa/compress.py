@@ -158,6 +158,10 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
         with on_device(model, device):
             report["ppl_before"] = _heldout(model, tokenizer, heldout)
+    elif heldout is not None:  # the measurement after compressing must not fail on its settings: check them now
+        from gqsa.eval.heldout import heldout_windows
+
+        heldout_windows(model, tokenizer, heldout.source, heldout.seq_len, heldout.max_tokens)
     budget, host_budget = budgets
     report["activation_budget_bytes"] = budget
     report["host_activation_budget_bytes"] = host_budget

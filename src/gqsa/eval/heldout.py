@@ -16,6 +16,22 @@ from gqsa.models.checks import check_context_length
 HELDOUT_FRACTION = 0.2
 
 
+def heldout_windows(model, tokenizer, source: str, seq_len: int = 2048, max_tokens: int | None = 16384):
+    """The protocol's token windows of ``source`` for ``model`` (its config only: a lazily loaded model's blocks
+    may still be on the meta device), with every check ``heldout_perplexity`` makes before it scores.
+
+    Returns:
+        (n_windows, seq_len) token ids.
+
+    Raises:
+        ValueError: ``seq_len`` exceeds the model's context (checked before the text is read), a source that
+            cannot be read, or a text too short for one window.
+    """
+    check_context_length(model, seq_len, "the evaluation window length (seq_len; --seq-len, --eval-seq-len)")
+    text = load_text(source, "heldout", heldout_fraction=HELDOUT_FRACTION)
+    return eval_windows(tokenize_text(tokenizer, text), seq_len, max_tokens)
+
+
 def heldout_perplexity(
     model,
     tokenizer,
@@ -35,9 +51,7 @@ def heldout_perplexity(
         ValueError: ``seq_len`` exceeds the model's context (checked before the text is read), or the text is
             too short for one window.
     """
-    check_context_length(model, seq_len, "the evaluation window length (seq_len; --seq-len, --eval-seq-len)")
-    text = load_text(source, "heldout", heldout_fraction=HELDOUT_FRACTION)
-    windows = eval_windows(tokenize_text(tokenizer, text), seq_len, max_tokens)
+    windows = heldout_windows(model, tokenizer, source, seq_len, max_tokens)
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)
     return {
         **result.to_dict(),
