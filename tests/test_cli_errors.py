@@ -372,3 +372,37 @@ def test_lazy_compress_checks_its_evaluation_before_compressing(capsys, monkeypa
     assert code == 2, err
     line = _one_error_line(err, "gqsa compress: error: ")
     assert str({"MISSING": missing}.get(words, words)) in line, line
+
+
+def test_save_with_overwrite_keeps_the_rules_of_the_command_line(packed_dir, tmp_path):
+    """gqsa.save(..., overwrite=True) replaces a gqsa checkpoint, never another directory or the user's files."""
+    import shutil
+
+    import gqsa
+
+    model, tokenizer = gqsa.load(packed_dir)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="gqsa did not write .keep.txt."):
+        gqsa.save(model, tokenizer, precious, overwrite=True)
+    assert (precious / "keep.txt").read_text() == "mine" and sorted(p.name for p in precious.iterdir()) == ["keep.txt"]
+    again = tmp_path / "again"
+    shutil.copytree(packed_dir, again)
+    gqsa.save(model, tokenizer, again, overwrite=True)  # a gqsa checkpoint: replaced
+    (again / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="does not write .notes.txt."):
+        gqsa.save(model, tokenizer, again, overwrite=True)
+    assert (again / "notes.txt").read_text() == "mine"
+
+
+def test_a_compressed_checkpoint_with_a_corrupt_tokenizer_names_it(capsys, packed_dir, tmp_path, text_file):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(packed_dir, broken)
+    (broken / "tokenizer.json").write_text("{")
+    code, _, err = _run(capsys, "eval", "ppl", broken, "--text-file", text_file, "--seq-len", 16)
+    assert code == 2
+    line = _one_error_line(err, "gqsa eval ppl: error: ")
+    assert str(broken) in line and "tokenizer cannot be loaded" in line, line

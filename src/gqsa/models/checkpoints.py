@@ -29,7 +29,7 @@ from gqsa.format.checkpoint import (
     write_weights,
 )
 from gqsa.format.packed import FORMAT_VERSION, summarize_layers
-from gqsa.models.outputs import PRUNED_CONFIG_NAME
+from gqsa.models.outputs import PRUNED_CONFIG_NAME, check_output_dir
 from gqsa.models.surgery import layer_metadata, packed_layers, swap_in_packed_shells
 from gqsa.utils import jsonio
 from gqsa.utils.io import atomic_directory, atomic_write_text
@@ -77,7 +77,8 @@ def save_compressed(
         tokenizer: saved beside it (may be None).
         out_dir: target directory; it appears complete or not at all.
         compression: the resolved compression config (``CompressConfig.to_dict()``), recorded in gqsa_config.json.
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an existing gqsa checkpoint ``out_dir``; any other non-empty directory, or a checkpoint
+            that also holds files gqsa does not write, is refused (``gqsa.models.outputs.check_output_dir``).
         extra_files: file name -> text written into the directory with the rest (a report, the resolved config).
 
     Returns:
@@ -91,6 +92,7 @@ def save_compressed(
     tied = _tied_duplicates(state)
     for name in tied:
         del state[name]
+    check_output_dir(out_dir, overwrite)  # --overwrite's rules: only a gqsa checkpoint, holding nothing else
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         weights = write_weights(tmp, state)
         config = model.config.__class__.from_dict(model.config.to_dict())
@@ -139,6 +141,7 @@ def save_pruned(
     evaluation load it as is; ``gqsa_pruned.json`` records how it was made. ``extra_files`` as ``save_compressed``.
     """
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)  # --overwrite's rules: only a gqsa checkpoint, holding nothing else
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -310,5 +313,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     model.config.quantization_config = quantization_config_dict(gqsa_config["layers"])
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # tokenizers and transformers raise many types for files they cannot read
+            if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+                raise  # the machine's trouble, not the checkpoint's
+            raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its files: {type(exc).__name__}: "
+                                  f"{exc}") from exc
     return model.eval(), tokenizer
