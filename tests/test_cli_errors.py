@@ -406,3 +406,38 @@ def test_a_compressed_checkpoint_with_a_corrupt_tokenizer_names_it(capsys, packe
     assert code == 2
     line = _one_error_line(err, "gqsa eval ppl: error: ")
     assert str(broken) in line and "tokenizer cannot be loaded" in line, line
+
+
+def _header_is_a_list(ckpt):
+    body = b"[]"
+    (ckpt / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+
+
+def _edit_json(name, edit):
+    def apply(ckpt):
+        cfg = json.loads((ckpt / name).read_text())
+        edit(cfg)
+        (ckpt / name).write_text(json.dumps(cfg))
+    return apply
+
+
+@pytest.mark.parametrize("tamper,words", [
+    (_edit_json("gqsa_config.json", lambda c: c["weights"].update(file=5)), "'weights.file' must be a file name"),
+    (_edit_json("gqsa_config.json", lambda c: c["weights"].update(file="../model.safetensors")),
+     "'weights.file' must be a file name inside the checkpoint"),
+    (_edit_json("gqsa_config.json", lambda c: c["weights"].update(file="/etc/model.safetensors")),
+     "'weights.file' must be a file name inside the checkpoint"),
+    (_header_is_a_list, "corrupted safetensors header (a JSON list"),
+    (_edit_json("config.json", lambda c: c.update(dtype="float99")), "float99"),
+])
+def test_hand_edited_checkpoint_records_are_named(capsys, packed_dir, tmp_path, tamper, words):
+    """Records a checkpoint's own checks missed (found by an audit): one line, exit 2, not an internal error."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(packed_dir, broken)
+    tamper(broken)
+    code, _, err = _run(capsys, "info", broken)
+    assert code == 2, err
+    line = _one_error_line(err, "gqsa info: error: ")
+    assert str(broken) in line and words in line, line

@@ -104,6 +104,10 @@ def read_gqsa_config(directory: Path) -> dict:
             raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
     if not isinstance(cfg["weights"].get("tensors"), dict):
         raise CheckpointError(f"{path}: 'weights' has no 'tensors' record")
+    file = cfg["weights"].get("file", WEIGHTS_NAME)
+    if not (isinstance(file, str) and file and Path(file).name == file and file not in (".", "..")):
+        # the weights are read from the checkpoint itself, never from a path it points elsewhere
+        raise CheckpointError(f"{path}: 'weights.file' must be a file name inside the checkpoint, got {file!r}")
     for name, rec in cfg["weights"]["tensors"].items():
         if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("shape"), list)
                 and all(type(d) is int and d >= 0 for d in rec["shape"]) and rec.get("dtype") in _DTYPE_NAMES):
@@ -157,6 +161,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: corrupted safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     return header, 8 + n
 

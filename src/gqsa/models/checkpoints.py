@@ -208,15 +208,20 @@ def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
         raise CheckpointError(f"{config_path}: not found")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{config_path}: cannot be read ({exc})") from exc
+    except Exception as exc:  # transformers raises many types for a config it cannot use (a bad dtype name, ...)
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+            raise
+        raise CheckpointError(f"{config_path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     hf_layers = (getattr(config, "quantization_config", None) or {}).get("layers")
     if hf_layers is not None and hf_layers != gqsa_config["layers"]:
         raise CheckpointError(f"{config_path}: quantization_config.layers disagrees with {GQSA_CONFIG_NAME}")
     config.quantization_config = None
     dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{config_path}: 'dtype' {getattr(config, 'dtype', None)!r} is not a floating torch "
+                              "dtype")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_packed_shells(model, gqsa_config["layers"], device="meta")
