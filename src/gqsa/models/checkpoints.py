@@ -192,6 +192,12 @@ def verify_loaded_model(model: nn.Module, weights: Path, gqsa_config: dict, veri
     verify_tensors(weights, gqsa_config, state, verify_checksums)
 
 
+def _machine_trouble(exc: BaseException) -> bool:
+    """Out of memory or a failing disk (an OSError with an errno): passed on as they are, not blamed on the
+    checkpoint's files."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
+
+
 def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
     """The checkpoint's model on the meta device with its packed shells, its ``gqsa_config.json``, and the shape
     and dtype of every tensor the model needs from the weights file (tied duplicates excluded).
@@ -209,7 +215,7 @@ def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a config it cannot use (a bad dtype name, ...)
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+        if _machine_trouble(exc):
             raise
         raise CheckpointError(f"{config_path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     hf_layers = (getattr(config, "quantization_config", None) or {}).get("layers")
@@ -321,8 +327,8 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # tokenizers and transformers raise many types for files they cannot read
-            if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
-                raise  # the machine's trouble, not the checkpoint's
+            if _machine_trouble(exc):
+                raise
             raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its files: {type(exc).__name__}: "
                                   f"{exc}") from exc
     return model.eval(), tokenizer
