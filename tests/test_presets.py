@@ -40,3 +40,18 @@ def test_preset_checkpoint_loads_and_runs(name, tmp_path):
     # groups of 16, 2 groups of 64).
     groups = 128 // (cfg.quant.group_size if cfg.quant is not None else 8)
     assert report["summary"]["sparsity"] == pytest.approx(cfg.sparsity.ratio, abs=max(1 / 16, 0.5 / groups))
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"target_bpw": 0}, "must be a positive number of bits per weight"),
+    ({"target_bpw": -1.0}, "must be a positive number of bits per weight"),
+    ({"search_bits": (2, 3)}, "search_bits (--search-bits) choose(s) the formats"),
+    ({"search_per_layer": False}, "search_per_layer (--search-uniform) choose(s) the formats"),
+])
+def test_search_settings_without_a_budget_are_refused_not_ignored(overrides, words):
+    from gqsa.presets import resolve_config
+
+    with pytest.raises(ValueError) as info:
+        resolve_config("w4s50", False, **overrides)
+    assert words in str(info.value)
+    assert resolve_config("w4s50", False, target_bpw=3.2, search_bits=(2, 3)).search.bits == (2, 3)

@@ -188,6 +188,15 @@ def resolve_config(name: str = "w4s50", fast_variant: bool = False, **overrides)
         bqpo = bqpo.replace(epochs=0)
     if method != "gqsa" and o.e2e_epochs is None:
         e2e = e2e.replace(epochs=0)
+    if o.target_bpw is not None and not o.target_bpw > 0:
+        raise ValueError(f"target_bpw (--target-bpw) must be a positive number of bits per weight (leave it out for "
+                         f"no search), got {o.target_bpw}")
+    search_given = [f"{k} (--{k.replace('_', '-').replace('per-layer', 'uniform')})" for k in
+                    ("search_bits", "search_group_sizes", "search_ratios", "search_per_layer")
+                    if getattr(o, k) is not None]
+    if search_given and not (o.target_bpw or cfg.search.target_bpw):
+        raise ValueError(f"{', '.join(search_given)} choose(s) the formats of target_bpw's search; without "
+                         "target_bpw (--target-bpw) there is no search")
     mask_updates = o.bqpo_mask_updates
     if mask_updates is None and ((o.bqpo_epochs if o.bqpo_epochs is not None else bqpo.epochs) < 2
                                  or method != "gqsa"):
