@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from gqsa.cli_bench import add_bench_parser, cmd_bench
-from gqsa.cli_common import mib_text, resolve_device
+from gqsa.cli_common import mib_text, require_tokenizer, resolve_device
 from gqsa.cli_compress import add_compress_parser, cmd_compress
 from gqsa.cli_eval import add_eval_parser, cmd_eval
 from gqsa.utils import jsonio
@@ -107,8 +107,7 @@ def cmd_generate(args) -> int:
         raise ValueError("--prompt is empty")
     device, dtype = _runresolve_device(args.device, args.dtype)
     model, tokenizer = load_model(args.model)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files; generation needs one")
+    require_tokenizer(args.model, tokenizer, "generation")
     if args.lm_head_bits:
         from gqsa.models.packing import pack_lm_head
 

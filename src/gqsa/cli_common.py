@@ -1,10 +1,11 @@
 """What several subcommands of the ``gqsa`` command line share: the held-out perplexity flags (``compress --eval-*``,
-``eval ppl``) and the resolution of ``--device``."""
+``eval ppl``) and their text source, the tokenizer a text command needs, and the resolution of ``--device``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -14,6 +15,21 @@ def add_ppl_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}seq-len", type=int, default=2048, help="tokens per evaluation window")
     p.add_argument(f"--{prefix}max-tokens", type=int, default=16384, help="held-out tokens scored (0 = all)")
     p.add_argument(f"--{prefix}batch-size", type=int, default=1, help="windows per forward pass")
+
+
+def ppl_source(args: argparse.Namespace, prefix: str = ""):
+    """The text of ``add_ppl_args``' flags (attribute prefix ``"eval_"`` for ``compress --eval-*``): a file as a
+    Path, so that a file named like a packaged corpus ("code", "wiki") is still that file; else the corpus name."""
+    text_file = getattr(args, prefix + "text_file")
+    return Path(text_file) if text_file else (getattr(args, prefix + "dataset") or "wiki")
+
+
+def require_tokenizer(model_path, tokenizer, what: str) -> None:
+    """Refuse a model without tokenizer files (a checkpoint saved with ``gqsa.save(model, None, ...)``) for a
+    command that reads or writes text."""
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files; {what} needs one (save the checkpoint with its "
+                         "tokenizer)")
 
 
 def resolve_device(name: str | None):

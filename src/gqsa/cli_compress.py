@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gqsa.cli_common import add_ppl_args, mib_text, resolve_device
+from gqsa.cli_common import add_ppl_args, mib_text, ppl_source, resolve_device
 from gqsa.utils import jsonio
 
 
@@ -133,9 +133,7 @@ def cmd_compress(args) -> int:
     device = resolve_device(args.device)
     heldout = None
     if args.eval:
-        # a file path is a Path: a file named like a packaged corpus ("code", "wiki") is still that file
-        source = Path(args.eval_text_file) if args.eval_text_file else (args.eval_dataset or "wiki")
-        heldout = HeldoutSpec(source=source, seq_len=args.eval_seq_len,
+        heldout = HeldoutSpec(source=ppl_source(args, "eval_"), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens or None, batch_size=args.eval_batch_size)
     out = Path(args.out)
     report = run(out, config, args.model, overwrite=args.overwrite, heldout=heldout, sample_prompt=args.sample_prompt,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from gqsa.cli_common import add_ppl_args, resolve_device
+from gqsa.cli_common import add_ppl_args, ppl_source, require_tokenizer, resolve_device
 from gqsa.utils import jsonio
 
 
@@ -32,19 +31,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     zs.add_argument("--device", default=None, help="cpu or cuda[:N] (default: a CUDA device when one is visible)")
 
 
-def _need_tokenizer(model_path, tokenizer, what: str) -> None:
-    """A checkpoint saved without its tokenizer (``gqsa.save(model, None, ...)``) cannot be scored on text."""
-    if tokenizer is None:
-        raise ValueError(f"{model_path} has no tokenizer files; {what} needs one (save the checkpoint with its "
-                         "tokenizer)")
-
-
 def _ppl(model, tokenizer, args, prefix: str = "") -> dict:
     from gqsa.eval.heldout import heldout_perplexity
 
     get = lambda name: getattr(args, prefix + name)  # noqa: E731
-    # a file path is a Path: a file named like a packaged corpus ("code", "wiki") is still that file
-    source = Path(get("text_file")) if get("text_file") else (get("dataset") or "wiki")
+    source = ppl_source(args, prefix)
     max_tokens = get("max_tokens") or None
     return heldout_perplexity(
         model, tokenizer, source, seq_len=get("seq_len"), max_tokens=max_tokens, batch_size=get("batch_size")
@@ -63,7 +54,7 @@ def cmd_eval_zeroshot(args) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model)
-    _need_tokenizer(args.model, tokenizer, "zero-shot scoring")
+    require_tokenizer(args.model, tokenizer, "zero-shot scoring")
     model.to(device)
     name = str(args.model or "default")
     if not args.json:
@@ -86,7 +77,7 @@ def cmd_eval(args) -> int:
         return cmd_eval_zeroshot(args)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model)
-    _need_tokenizer(args.model, tokenizer, "perplexity")
+    require_tokenizer(args.model, tokenizer, "perplexity")
     model.to(device)
     result = {"model": str(args.model or "default"), **_ppl(model, tokenizer, args)}
     if args.json:

@@ -155,13 +155,14 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
     report = {"model": str(model_path or "default (SmolLM2-135M-Instruct)"), "load_time_s": time.perf_counter() - t0}
     calibrated = config.method != "magnitude" or (config.search.target_bpw and not config.layer_formats)
     calib_ids = calibration_ids(tokenizer, config, model) if calibrated else None
-    if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
-        with on_device(model, device):
-            report["ppl_before"] = _heldout(model, tokenizer, heldout)
-    elif heldout is not None:  # the measurement after compressing must not fail on its settings: check them now
+    windows = None
+    if heldout is not None:  # built (and checked) once, before any work; scored before and after compressing
         from gqsa.eval.heldout import heldout_windows
 
-        heldout_windows(model, tokenizer, heldout.source, heldout.seq_len, heldout.max_tokens)
+        windows = heldout_windows(model, tokenizer, heldout.source, heldout.seq_len, heldout.max_tokens)
+    if heldout is not None and not lazy_load:  # a lazily loaded model is never whole before it is compressed
+        with on_device(model, device):
+            report["ppl_before"] = _heldout(model, tokenizer, heldout, windows)
     budget, host_budget = budgets
     report["activation_budget_bytes"] = budget
     report["host_activation_budget_bytes"] = host_budget
@@ -180,7 +181,7 @@ def _run_locked(out: Path, config: CompressConfig, model_path, overwrite: bool, 
         raise
     with on_device(model, device):
         if heldout is not None:
-            report["ppl_after"] = _heldout(model, tokenizer, heldout)
+            report["ppl_after"] = _heldout(model, tokenizer, heldout, windows)
         if sample_prompt:
             from gqsa.engine import GenerationSpec, generate_text
 
@@ -212,8 +213,8 @@ def _hf_directory(model_path) -> Path:
     return path
 
 
-def _heldout(model, tokenizer, spec: HeldoutSpec) -> dict:
+def _heldout(model, tokenizer, spec: HeldoutSpec, windows) -> dict:
     from gqsa.eval.heldout import heldout_perplexity
 
     return heldout_perplexity(model, tokenizer, spec.source, seq_len=spec.seq_len, max_tokens=spec.max_tokens,
-                              batch_size=spec.batch_size)
+                              batch_size=spec.batch_size, windows=windows)

@@ -58,10 +58,15 @@ def damped_inverse_cholesky(
     """
     # Peak memory: three (K, K) matrices besides ``hessian`` (1.4 GiB for Llama-2-7B's down_proj, K = 11008):
     # the dampening goes onto a copy's diagonal in place, and each intermediate is released once used.
-    h = hessian.to(torch.float32, copy=True)
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0
+    dead = torch.diagonal(hessian) == 0
+
+    def undamped_copy() -> tuple[torch.Tensor, torch.Tensor]:  # H in float32 with dead columns set to 1, its diagonal
+        h = hessian.to(torch.float32, copy=True)
+        diag = torch.diagonal(h)
+        diag[dead] = 1.0
+        return h, diag
+
+    h, diag = undamped_copy()
     if not torch.isfinite(h).all():
         raise SingularHessianError(f"{layer}: the calibration Hessian has NaN/inf entries (check the model inputs)")
     undamped = diag.clone()
@@ -85,9 +90,7 @@ def damped_inverse_cholesky(
                     logger.warning("%s: Hessian needed dampening %.3g (asked %.3g)", layer, lam, damp)
                 return hinv, hinv_chol, dead
             del hinv, hinv_chol
-            h = hessian.to(torch.float32, copy=True)  # released above: rebuild the undamped copy for the next try
-            diag = torch.diagonal(h)
-            diag[dead] = 1.0
+            h, diag = undamped_copy()  # released above: rebuilt for the next try
         lam *= 10.0
     raise SingularHessianError(
         f"{layer}: the calibration Hessian is not positive definite even with dampening {lam / 10:.3g}; "

@@ -40,8 +40,12 @@ def heldout_perplexity(
     max_tokens: int | None = 16384,
     batch_size: int = 1,
     progress: bool = True,
+    windows=None,
 ) -> dict:
     """Perplexity of ``model`` on the held-out part of ``source`` (a corpus name or a text/jsonl path).
+
+    ``windows``: ``heldout_windows``' result for the same source and settings when it is already built (a model
+    measured before and after compressing); None builds it here.
 
     Returns:
         {"ppl", "nll", "tokens" (predicted tokens scored), "seq_len", "windows", "dataset", "max_tokens",
@@ -51,7 +55,8 @@ def heldout_perplexity(
         ValueError: ``seq_len`` exceeds the model's context (checked before the text is read), or the text is
             too short for one window.
     """
-    windows = heldout_windows(model, tokenizer, source, seq_len, max_tokens)
+    if windows is None:
+        windows = heldout_windows(model, tokenizer, source, seq_len, max_tokens)
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)
     return {
         **result.to_dict(),

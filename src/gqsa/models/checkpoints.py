@@ -32,7 +32,7 @@ from gqsa.format.packed import FORMAT_VERSION, summarize_layers
 from gqsa.models.outputs import PRUNED_CONFIG_NAME, check_output_dir
 from gqsa.models.surgery import layer_metadata, packed_layers, swap_in_packed_shells
 from gqsa.utils import jsonio
-from gqsa.utils.io import atomic_directory, atomic_write_text
+from gqsa.utils.io import atomic_directory, atomic_write_text, unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +192,6 @@ def verify_loaded_model(model: nn.Module, weights: Path, gqsa_config: dict, veri
     verify_tensors(weights, gqsa_config, state, verify_checksums)
 
 
-def _machine_trouble(exc: BaseException) -> bool:
-    """Out of memory or a failing disk (an OSError with an errno): passed on as they are, not blamed on the
-    checkpoint's files."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
-
-
 def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
     """The checkpoint's model on the meta device with its packed shells, its ``gqsa_config.json``, and the shape
     and dtype of every tensor the model needs from the weights file (tied duplicates excluded).
@@ -212,12 +206,8 @@ def _skeleton(path: Path) -> tuple[nn.Module, dict, dict]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found")
-    try:
+    with unreadable(f"{config_path}: cannot be read", CheckpointError):  # a bad dtype name, ...: many types
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a config it cannot use (a bad dtype name, ...)
-        if _machine_trouble(exc):
-            raise
-        raise CheckpointError(f"{config_path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     hf_layers = (getattr(config, "quantization_config", None) or {}).get("layers")
     if hf_layers is not None and hf_layers != gqsa_config["layers"]:
         raise CheckpointError(f"{config_path}: quantization_config.layers disagrees with {GQSA_CONFIG_NAME}")
@@ -324,11 +314,6 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     model.config.quantization_config = quantization_config_dict(gqsa_config["layers"])
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        try:
+        with unreadable(f"{path}: the tokenizer cannot be loaded from its files", CheckpointError):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # tokenizers and transformers raise many types for files they cannot read
-            if _machine_trouble(exc):
-                raise
-            raise CheckpointError(f"{path}: the tokenizer cannot be loaded from its files: {type(exc).__name__}: "
-                                  f"{exc}") from exc
     return model.eval(), tokenizer

@@ -102,7 +102,8 @@ def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gqsa.models.loading import _check_hf_config, _unreadable, check_tokenizer_files
+    from gqsa.models.loading import _check_hf_config, check_tokenizer_files
+    from gqsa.utils.io import unreadable
 
     path = Path(path)
     check_tokenizer_files(path)
@@ -133,7 +134,7 @@ def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.float32):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model._gqsa_lazy_weights = weights
-    with _unreadable(f"{path}: the tokenizer cannot be loaded from its files"):
+    with unreadable(f"{path}: the tokenizer cannot be loaded from its files"):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     check_supported(model)
     return model.eval(), tokenizer

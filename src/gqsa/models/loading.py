@@ -16,7 +16,6 @@ takes as valid.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -24,7 +23,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +32,7 @@ from gqsa.models.adapter import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureEr
 from gqsa.models.checks import check_finite_weights
 from gqsa.models.gguf_header import check_gguf_file
 from gqsa.utils import jsonio
-from gqsa.utils.io import atomic_directory, remove_stale_temporaries
+from gqsa.utils.io import atomic_directory, remove_stale_temporaries, unreadable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -154,24 +152,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     source = {"gguf_file": gguf_path.name, "local_files_only": True}
-    with _unreadable(f"transformers cannot read the GGUF file {gguf_path} ({gguf_path.stat().st_size} bytes)"):
+    with unreadable(f"transformers cannot read the GGUF file {gguf_path} ({gguf_path.stat().st_size} bytes)"):
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **source)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **source)
     _without_gguf_quantizer(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-@contextlib.contextmanager
-def _unreadable(what: str) -> Iterator[None]:
-    """Turn what transformers (and gguf, safetensors, tokenizers) raise for files they cannot read, many types,
-    into one ValueError: ``"<what>: <type>: <message>"``. Errors of the machine (out of memory, a failing disk:
-    an OSError with an errno) pass through as they are."""
-    try:
-        yield
-    except Exception as exc:
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
-            raise
-        raise ValueError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _without_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
@@ -317,10 +302,10 @@ def _load_hf_directory(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_tokenizer_files(path)
-    with _unreadable(f"{source or path}: the model's weights cannot be loaded (truncated or corrupted file?)"):
+    with unreadable(f"{source or path}: the model's weights cannot be loaded (truncated or corrupted file?)"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     check_finite_weights(model, source=str(source or path))
-    with _unreadable(f"{path}: the tokenizer cannot be loaded from its files"):
+    with unreadable(f"{path}: the tokenizer cannot be loaded from its files"):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 

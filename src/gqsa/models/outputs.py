@@ -56,6 +56,10 @@ def foreign_entries(path: str | Path) -> list[str]:
                   if p.is_dir() or not (p.name in _WRITTEN_NAMES or fnmatch.fnmatch(p.name, "model*.safetensors")))
 
 
+def _first_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -95,13 +99,12 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[
         if not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to replace it")
         if not is_gqsa_output(path):
-            names = sorted(p.name for p in path.iterdir())
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            shown = _first_names(sorted(p.name for p in path.iterdir()))
             raise FileExistsError(f"{path} holds files gqsa did not write ({shown}); --overwrite replaces only a "
                                   "gqsa checkpoint: choose another output directory or empty this one")
         foreign = foreign_entries(path)
         if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            shown = _first_names(foreign)
             raise FileExistsError(f"{path} is a gqsa checkpoint but also holds files gqsa does not write ({shown}); "
                                   "--overwrite would delete them: move them out or choose another output directory")
     parent = _nearest_existing(path.parent)

@@ -191,3 +191,16 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def unreadable(what: str, error: type[ValueError] = ValueError) -> Iterator[None]:
+    """Turn what a reader of files raises for files it cannot read (transformers, gguf, safetensors, tokenizers:
+    many types) into one ``error`` (a ValueError): ``"<what>: <type>: <message>"``. Errors of the machine (out of
+    memory, a failing disk: an OSError with an errno) pass through as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+            raise
+        raise error(f"{what}: {type(exc).__name__}: {exc}") from exc
